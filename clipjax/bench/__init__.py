@@ -1,0 +1,1 @@
+"""Benchmarks users can run: `clipjax-bench loss|data|compile`."""

@@ -1,0 +1,1 @@
+"""Input side: sources, records, tokenizers, converters, synthetic data, grain pipeline."""
