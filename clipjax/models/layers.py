@@ -1,0 +1,197 @@
+"""Transformer building blocks annotated with logical axis names only.
+
+Dimension letters used in names: B batch, T tokens, D model width, N heads,
+H head width, F MLP width, E joint embedding width.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes: tuple[str | None, ...], dtype=jnp.float32):
+    """A parameter carrying its logical axis names (used to derive shardings)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op without rules/mesh)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 whatever the compute dtype (bf16 statistics drift)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), ("norm",))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), ("norm",))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.reshape((1,) * (x.ndim - 1) + (d,)) + bias.reshape(
+            (1,) * (x.ndim - 1) + (d,))
+        return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention through `jax.nn.dot_product_attention` (fused where available)."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    in_std: float = 0.02
+    out_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, xq_BTD: jax.Array, xkv_BSD: jax.Array | None = None, *, is_causal: bool = False,
+                 mask_BS: jax.Array | None = None) -> jax.Array:
+        xkv_BSD = xq_BTD if xkv_BSD is None else xkv_BSD
+        d = xq_BTD.shape[-1]
+        n, h = self.num_heads, self.head_dim
+        init_in = nn.initializers.normal(self.in_std)
+
+        def proj(name, x):
+            w = param_with_axes(self, f"{name}_kernel", init_in, (d, n, h), ("embed", "heads", "kv"))
+            b = param_with_axes(self, f"{name}_bias", nn.initializers.zeros, (n, h), ("heads", "kv"))
+            y = jnp.einsum("btd,dnh->btnh", x, w.astype(self.dtype)) + b.astype(self.dtype)[None, None]
+            return constrain(y, ("act_batch", "act_len", "act_heads", "act_kv"))
+
+        q_BTNH = proj("query", xq_BTD)
+        k_BSNH = proj("key", xkv_BSD)
+        v_BSNH = proj("value", xkv_BSD)
+        mask = None if mask_BS is None else mask_BS[:, None, None, :]
+        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal)
+        w_out = param_with_axes(self, "out_kernel", nn.initializers.normal(self.out_std), (n, h, d),
+                                ("heads", "kv", "embed"))
+        b_out = param_with_axes(self, "out_bias", nn.initializers.zeros, (d,), ("norm",))
+        y_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, w_out.astype(self.dtype)) + b_out.astype(self.dtype)[None, None]
+        return constrain(y_BTD, ("act_batch", "act_len", "act_embed"))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP: D -> F -> D."""
+
+    mlp_dim: int
+    act: str = "gelu"
+    dtype: Dtype = jnp.float32
+    fc_std: float = 0.02
+    proj_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        d = x_BTD.shape[-1]
+        w1 = param_with_axes(self, "fc_kernel", nn.initializers.normal(self.fc_std), (d, self.mlp_dim), ("embed", "mlp"))
+        b1 = param_with_axes(self, "fc_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",))
+        h_BTF = jnp.einsum("btd,df->btf", x_BTD, w1.astype(self.dtype)) + b1.astype(self.dtype)[None, None]
+        h_BTF = constrain(ACTIVATIONS[self.act](h_BTF), ("act_batch", "act_len", "act_mlp"))
+        w2 = param_with_axes(self, "proj_kernel", nn.initializers.normal(self.proj_std), (self.mlp_dim, d), ("mlp", "embed"))
+        b2 = param_with_axes(self, "proj_bias", nn.initializers.zeros, (d,), ("norm",))
+        y_BTD = jnp.einsum("btf,fd->btd", h_BTF, w2.astype(self.dtype)) + b2.astype(self.dtype)[None, None]
+        return constrain(y_BTD, ("act_batch", "act_len", "act_embed"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    depth: int
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+        width = x_BTD.shape[-1]
+        # OpenCLIP-style init: residual branches shrink with depth.
+        attn_std = width**-0.5
+        out_std = width**-0.5 * (2 * self.depth) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        y = LayerNorm(self.ln_eps, self.dtype, name="ln_attn")(x_BTD)
+        y = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, attn_std, out_std, name="attn")(
+            y, is_causal=self.causal, mask_BS=mask_BT)
+        x_BTD = x_BTD + y
+        y = LayerNorm(self.ln_eps, self.dtype, name="ln_mlp")(x_BTD)
+        y = Mlp(self.mlp_dim, self.act, self.dtype, fc_std, out_std, name="mlp")(y)
+        x_BTD = constrain(x_BTD + y, ("act_batch", "act_len", "act_embed"))
+        return x_BTD
+
+
+class _ScanBlock(Block):
+    """Block with the (carry, _) -> (carry, None) signature nn.scan expects."""
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BT=None):  # type: ignore[override]
+        return Block.__call__(self, x_BTD, mask_BT), None
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` pre-norm blocks, scanned (fast compiles) or unrolled."""
+
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    causal: bool = False
+    remat: str = "none"
+    scan: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, depth=self.depth,
+                      act=self.act, ln_eps=self.ln_eps, causal=self.causal, dtype=self.dtype)
+        block_cls = _ScanBlock if self.scan else Block
+        if self.remat != "none":
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        if self.scan:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = scanned(**kwargs, name="blocks")(x_BTD, mask_BT)
+            return x_BTD
+        for i in range(self.depth):
+            x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
+        return x_BTD

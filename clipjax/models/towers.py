@@ -1,0 +1,145 @@
+"""The two towers: a ViT image encoder and a causal text transformer.
+
+Dimension letters: B batch, P patches, T tokens, D width, E joint embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clipjax.models.layers import LayerNorm, Mlp, MultiHeadAttention, Transformer, constrain, param_with_axes
+
+Dtype = Any
+
+IMAGE_POOLS = ("tok", "gap", "map")
+TEXT_POOLS = ("eot", "last")
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens."""
+
+    num_heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        b, _, d = x_BTD.shape
+        probe = param_with_axes(self, "probe", nn.initializers.normal(d**-0.5), (1, 1, d), (None, None, "embed"))
+        probe_B1D = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+        std = d**-0.5
+        y_B1D = MultiHeadAttention(self.num_heads, d // self.num_heads, self.dtype, std, std, name="attn")(probe_B1D, x_BTD)
+        z = LayerNorm(self.ln_eps, self.dtype, name="ln")(y_B1D)
+        y_B1D = y_B1D + Mlp(self.mlp_dim, self.act, self.dtype, (2 * d) ** -0.5, std, name="mlp")(z)
+        return y_B1D[:, 0]
+
+
+class ImageTower(nn.Module):
+    """ViT: patchify, [class token], learned positions, pre-norm blocks, final norm, pool, project."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    image_size: int
+    embed_dim: int
+    pool: str = "tok"
+    class_token: bool = True
+    ln_pre: bool = True
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    remat: str = "none"
+    scan: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images_BHWC: jax.Array) -> jax.Array:
+        if self.pool not in IMAGE_POOLS:
+            raise ValueError(f"model.image.pool={self.pool!r}; choose one of {IMAGE_POOLS}")
+        if self.pool == "tok" and not self.class_token:
+            raise ValueError("model.image.pool='tok' needs model.image.class_token=True")
+        b, h, w, c = images_BHWC.shape
+        p, d = self.patch_size, self.width
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        x = images_BHWC.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        patches_BPK = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+        # Patch embedding without bias, as in OpenAI CLIP (bias is redundant before ln_pre).
+        w_patch = param_with_axes(self, "patch_kernel", nn.initializers.normal(d**-0.5), (p * p * c, d), ("patch", "embed"))
+        x_BPD = jnp.einsum("bpk,kd->bpd", patches_BPK, w_patch.astype(self.dtype))
+        if self.class_token:
+            cls = param_with_axes(self, "class_token", nn.initializers.normal(d**-0.5), (d,), ("embed",))
+            x_BPD = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x_BPD], axis=1)
+        pos = param_with_axes(self, "pos_embedding", nn.initializers.normal(d**-0.5), (x_BPD.shape[1], d), ("pos", "embed"))
+        x_BPD = constrain(x_BPD + pos.astype(self.dtype)[None], ("act_batch", "act_len", "act_embed"))
+        if self.ln_pre:
+            x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_pre")(x_BPD)
+        x_BPD = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
+                            causal=False, remat=self.remat, scan=self.scan, dtype=self.dtype, name="transformer")(x_BPD)
+        x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_post")(x_BPD)
+        if self.pool == "tok":
+            x_BD = x_BPD[:, 0]
+        elif self.pool == "gap":
+            x_BD = jnp.mean(x_BPD[:, 1:] if self.class_token else x_BPD, axis=1)
+        else:
+            x_BD = MapHead(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype, name="map_head")(x_BPD)
+        w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
+        return jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
+
+
+class TextTower(nn.Module):
+    """Token + position embeddings, pre-norm transformer, final norm, pool, project.
+
+    `pool="eot"` takes the end-of-text token at argmax(ids) (OpenAI CLIP: the
+    end token has the largest id); `pool="last"` takes the last non-pad token.
+    Causal attention (or, without it, a key-padding mask) means pad tokens after
+    the pooled position never change the embedding.
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    vocab_size: int
+    context_length: int
+    embed_dim: int
+    pool: str = "eot"
+    causal: bool = True
+    pad_id: int = 0
+    act: str = "gelu"
+    ln_eps: float = 1e-5
+    remat: str = "none"
+    scan: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids_BT: jax.Array) -> jax.Array:
+        if self.pool not in TEXT_POOLS:
+            raise ValueError(f"model.text.pool={self.pool!r}; choose one of {TEXT_POOLS}")
+        b, t = ids_BT.shape
+        if t > self.context_length:
+            raise ValueError(f"text length {t} exceeds model.text.context_length={self.context_length}")
+        d = self.width
+        tok = param_with_axes(self, "token_embedding", nn.initializers.normal(0.02), (self.vocab_size, d), ("vocab", "embed"))
+        pos = param_with_axes(self, "pos_embedding", nn.initializers.normal(0.01), (self.context_length, d), ("pos", "embed"))
+        x_BTD = jnp.take(tok, ids_BT, axis=0).astype(self.dtype) + pos[None, :t].astype(self.dtype)
+        x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+        valid_BT = ids_BT != self.pad_id
+        x_BTD = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
+                            causal=self.causal, remat=self.remat, scan=self.scan, dtype=self.dtype,
+                            name="transformer")(x_BTD, None if self.causal else valid_BT)
+        x_BTD = LayerNorm(self.ln_eps, self.dtype, name="ln_final")(x_BTD)
+        if self.pool == "eot":
+            index_B = jnp.argmax(ids_BT, axis=-1)
+        else:
+            index_B = jnp.maximum(jnp.sum(valid_BT, axis=-1) - 1, 0)
+        x_BD = jnp.take_along_axis(x_BTD, index_B[:, None, None], axis=1)[:, 0]
+        w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
+        return jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
