@@ -1,0 +1,53 @@
+"""Multi-host start-up: every host runs the same program; this joins them into one JAX runtime.
+
+Order of precedence: explicit coordinator flags, then SLURM, then Cloud TPU pod
+metadata. A single process with none of these runs on its local devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger("clipjax")
+
+
+def _is_multiprocess_env() -> str | None:
+    """Names the multi-host environment this process runs in, if any."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return "slurm"
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, heartbeat_timeout_s: int = 60) -> None:
+    """Calls ``jax.distributed.initialize`` when this is one process of several.
+
+    CPU processes use gloo collectives. ``heartbeat_timeout_s`` bounds how long
+    survivors wait when a peer dies before they exit with an error.
+    """
+    if jax.distributed.is_initialized():
+        return
+    explicit = coordinator is not None or (num_processes or 1) > 1
+    env = None if explicit else _is_multiprocess_env()
+    if not explicit and env is None:
+        return
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if "cpu" in platforms.split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if explicit:
+        if coordinator is None or num_processes is None or process_id is None:
+            raise ValueError("--coordinator, --num_processes and --process_id must be given together")
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except TypeError:  # older jax without heartbeat_timeout_seconds
+        jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d (%s); %d local / %d global devices", jax.process_index(), jax.process_count(),
+             "flags" if explicit else env, jax.local_device_count(), jax.device_count())

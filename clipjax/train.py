@@ -1,0 +1,168 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, report.
+
+The host loop stays asynchronous: step N+1 is dispatched before step N's
+metrics are fetched. Checkpoints hold the train state and the data iterator
+together, so a killed run resumes exactly where its last checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from clipjax import checkpoint as ckpt_lib
+from clipjax import config as config_lib
+from clipjax import metrics as metrics_lib
+from clipjax import mfu as mfu_lib
+from clipjax import sharding
+from clipjax.train_step import Setup, TrainState, compile_train_step, init_state, make_setup
+
+log = logging.getLogger("clipjax")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is intact."""
+
+
+def make_mesh_from_config(config) -> jax.sharding.Mesh:
+    m = config.mesh
+    return sharding.make_mesh({a: m[a] for a in sharding.MESH_AXES},
+                              {a: m[f"dcn_{a}"] for a in sharding.MESH_AXES})
+
+
+def _default_data_iterator(config, mesh) -> Any:
+    from clipjax.data import pipeline
+
+    return pipeline.make_train_iterator(
+        config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
+        context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
+
+
+def _data_args(data_iter, restore: bool):
+    """Orbax args for the data iterator item (None when the iterator has no state)."""
+    fn_name = "restore_args" if restore else "save_args"
+    fn = getattr(data_iter, fn_name, None)
+    if fn is None:
+        from clipjax.data import pipeline
+
+        fn = getattr(pipeline, fn_name)
+        return fn(data_iter)
+    return fn()
+
+
+def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterator] | None = None,
+          evaluate_fn: Callable | None = None) -> TrainState:
+    """Trains ``config`` in ``workdir`` (auto-resuming) and returns the final state."""
+    config_lib.validate(config, jax.device_count())
+    is_main = jax.process_index() == 0
+    ckpt_lib.check_workdir_writable(workdir)
+    mesh = make_mesh_from_config(config)
+    setup = make_setup(config, mesh)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save, config_json=config.to_json())
+    data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
+
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, _ = checkpointer.restore(latest, setup.abstract_state, _data_args(data_iter, restore=True))
+        log.info("resumed from step %d in %s", latest, workdir)
+    else:
+        params = None
+        if config.checkpoint.init_from:
+            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            log.info("initialised params from %s", config.checkpoint.init_from)
+        state = init_state(setup, config.seed, params)
+    start = int(jax.device_get(state.step))
+
+    compiled = compile_train_step(setup)
+    flops = mfu_lib.compiled_flops(compiled)
+    peak, peak_source = mfu_lib.peak_flops_per_device()
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
+    writer.truncate_after(start)
+    if is_main:
+        log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
+                 sum(x.size for x in jax.tree.leaves(state.params)), flops, peak, peak_source)
+    preemption = ckpt_lib.PreemptionWatcher()
+    evaluate = evaluate_fn
+    if evaluate is None and len(config.evals):
+        from clipjax.evals import runner
+
+        evaluate = runner.make_evaluator(config, setup)
+
+    total = config.train.steps
+    pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+
+    def handle(step: int, metrics: dict, force_log: bool = False) -> None:
+        nonlocal window_start, window_steps
+        host = _to_host(metrics)
+        if host["train/consecutive_skips"] >= config.train.max_consecutive_skips:
+            checkpointer.wait()
+            raise NonFiniteError(
+                f"{int(host['train/consecutive_skips'])} consecutive non-finite steps up to step {step} "
+                f"(train.max_consecutive_skips={config.train.max_consecutive_skips}); weights were not "
+                f"updated by them and the last checkpoint in {workdir}/checkpoints is intact")
+        if not host["train/finite"]:
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                        int(host["train/consecutive_skips"]))
+        if step % config.train.log_every and not force_log:
+            return
+        now = time.perf_counter()
+        dt = (now - window_start) / max(window_steps, 1)
+        window_start, window_steps = now, 0
+        host["train/step_time"] = dt
+        host["train/samples_per_sec"] = config.train.batch_size / dt
+        if flops:
+            host["train/mfu"] = mfu_lib.mfu(flops, dt, peak)
+        host["train/eta_sec"] = dt * (total - step)
+        host.pop("train/finite")
+        writer.write(step, host)
+
+    step = start
+    for step in range(start, total):
+        batch = next(data_iter)
+        num_skipped = batch.pop("num_skipped", None) if isinstance(batch, dict) else None
+        state, metrics = compiled(state, batch)
+        if num_skipped is not None:
+            metrics = dict(metrics, **{"data/skipped_examples": num_skipped})
+        window_steps += 1
+        if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
+            handle(*pending)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if evaluate is not None:
+            evaluate(done, state, writer, final=done == total)
+        if preemption.requested:
+            handle(*pending, force_log=True)
+            pending = None
+            checkpointer.save(done, state, _data_args(data_iter, restore=False), force=True)
+            checkpointer.wait()
+            log.warning("SIGTERM: saved step %d and stopped", done)
+            writer.close()
+            return state
+        if checkpointer.should_save(done) or done == total:
+            checkpointer.save(done, state, _data_args(data_iter, restore=False), force=done == total)
+    if pending is not None:
+        handle(*pending, force_log=True)
+    checkpointer.wait()
+    checkpointer.close()
+    if is_main:
+        log.info("finished %d steps in %.1fs", total - start, time.perf_counter() - run_start)
+    if is_main and config.train.report:
+        from clipjax import report
+
+        path = report.write_report(workdir)
+        log.info("report: %s", path)
+    writer.close()
+    return state

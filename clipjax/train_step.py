@@ -1,0 +1,205 @@
+"""Train state, its sharded initialisation, and the jitted train step.
+
+The step is a pure function ``(state, batch) -> (state, metrics)``. With
+``grad_accum = k > 1`` it uses the embedding-cache method, which is exact for
+contrastive losses (negatives come from the whole batch):
+
+1. embed every micro-batch without gradients;
+2. take the loss and its gradient with respect to the embeddings (and the
+   scale/bias) over the full global batch;
+3. re-embed each micro-batch and back-propagate its slice of that gradient.
+
+Dimension letters: B global batch, K micro-batches, M micro-batch, E embed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipjax import losses, optim, sharding
+from clipjax.models import CLIP, build_model, dummy_inputs
+
+SCALE_KEYS = ("logit_scale", "logit_bias")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of completed steps
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 key data (typed keys do not checkpoint)
+    consecutive_skips: jax.Array  # int32: non-finite steps in a row
+    total_skips: jax.Array  # int32: non-finite steps since the start
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static a run needs: model, optimizer, mesh and shardings."""
+
+    config: Any
+    model: CLIP
+    tx: optax.GradientTransformation
+    schedule: Callable
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+
+    def batch_shardings(self) -> dict[str, NamedSharding]:
+        return {"image": sharding.batch_sharding(self.mesh, 4), "text": sharding.batch_sharding(self.mesh, 2)}
+
+
+def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
+    """Builds model and optimizer and derives the state's shardings without allocating it."""
+    model = build_model(config.model)
+    tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+    rules = sharding.rules_from_config(config.sharding.rules)
+    images, ids = dummy_inputs(config.model)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, ids))["params"]
+    param_sh = sharding.param_shardings(boxed, mesh, rules)
+    abstract_params = nn.unbox(boxed)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    repl = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: repl)
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, consecutive_skips=repl,
+                          total_skips=repl)
+    abstract = jax.eval_shape(functools.partial(_init_state, model, tx, config), jax.random.key(0))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return Setup(config, model, tx, schedule, mesh, rules, state_sh, abstract)
+
+
+def _init_state(model: CLIP, tx, config, rng: jax.Array, params: Any = None) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    if params is None:
+        images, ids = dummy_inputs(config.model)
+        params = nn.unbox(model.init(init_rng, images, ids))["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.key_data(state_rng), consecutive_skips=jnp.zeros((), jnp.int32),
+        total_skips=jnp.zeros((), jnp.int32))
+
+
+def init_state(setup: Setup, seed: int, params: Any = None) -> TrainState:
+    """Creates the state directly in its sharded layout (unsharded weights never exist).
+
+    ``params`` (already sharded, e.g. from a fine-tuning checkpoint) replace the
+    random initialisation.
+    """
+    fn = functools.partial(_init_state, setup.model, setup.tx, setup.config)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        if params is None:
+            return jax.jit(fn, out_shardings=setup.state_shardings)(jax.random.key(seed))
+        return jax.jit(lambda r, p: fn(r, p), out_shardings=setup.state_shardings)(jax.random.key(seed), params)
+
+
+def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [K, M, ...] taking every K-th row, so each device keeps its rows local."""
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return jax.lax.with_sharding_constraint(x, P(None, sharding.BATCH_AXES))
+
+
+def _merge_micro(x_KM: jax.Array) -> jax.Array:
+    """Inverse of `_split_micro`."""
+    x = jnp.swapaxes(x_KM, 0, 1)
+    x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return jax.lax.with_sharding_constraint(x, P(sharding.BATCH_AXES))
+
+
+def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch ``{"image": [B,H,W,C], "text": [B,T]}``."""
+    config, model = setup.config, setup.model
+    k = config.train.grad_accum
+    lc = config.loss
+    dtype = jnp.dtype(config.model.dtype)
+
+    def embed(params, images, ids):
+        v = {"params": params}
+        zimg = model.apply(v, images.astype(dtype), method=CLIP.encode_image)
+        ztxt = model.apply(v, ids, method=CLIP.encode_text)
+        return zimg, ztxt
+
+    def scale_bias(params):
+        return model.apply({"params": params}, method=CLIP.scale_and_bias)
+
+    def loss_from_embeddings(zimg, ztxt, params):
+        scale, bias = scale_bias(params)
+        return losses.contrastive_loss(zimg, ztxt, scale, bias, kind=lc.kind, impl=lc.impl, mesh=setup.mesh,
+                                       chunk_size=lc.chunk_size)
+
+    params = state.params
+    if k == 1:
+        def full_loss(p):
+            zimg, ztxt = embed(p, batch["image"], batch["text"])
+            return loss_from_embeddings(zimg, ztxt, p)
+
+        (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+    else:
+        images_K = _split_micro(batch["image"], k)
+        ids_K = _split_micro(batch["text"], k)
+        zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (images_K, ids_K))
+        zimg, ztxt = _merge_micro(zimg_K), _merge_micro(ztxt_K)
+        (loss, metrics), (g_zimg, g_ztxt, grads_sb) = jax.value_and_grad(
+            loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
+        g_zimg_K, g_ztxt_K = _split_micro(g_zimg, k), _split_micro(g_ztxt, k)
+
+        def accumulate(grads, xs):
+            images, ids, gi, gt = xs
+            _, vjp = jax.vjp(lambda p: embed(p, images, ids), params)
+            (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype)))
+            return jax.tree.map(jnp.add, grads, g), None
+
+        grads, _ = jax.lax.scan(accumulate, grads_sb, (images_K, ids_K, g_zimg_K, g_ztxt_K))
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = setup.tx.update(grads, state.opt_state, params)
+    new_params = optim.clamp_logit_scale(optax.apply_updates(params, updates), config.model.max_logit_scale)
+    # A non-finite step leaves weights and optimizer state exactly as they were.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skips = jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(new_params, params), opt_state=keep(new_opt, state.opt_state),
+        rng=state.rng, consecutive_skips=skips, total_skips=state.total_skips + (~finite).astype(jnp.int32))
+    out = {f"train/{name}": value for name, value in metrics.items()}
+    out.update({
+        "train/loss": loss,
+        "train/lr": setup.schedule(state.step),
+        "train/grad_norm": grad_norm,
+        "train/param_norm": optax.global_norm(params),
+        "train/finite": finite,
+        "train/consecutive_skips": skips,
+        "train/skipped_steps": new_state.total_skips,
+    })
+    return new_state, out
+
+
+def compile_train_step(setup: Setup):
+    """The jitted step with explicit shardings and the state donated; returns the lowered+compiled executable."""
+    batch_sh = setup.batch_shardings()
+    step = jax.jit(
+        functools.partial(train_step, setup),
+        in_shardings=(setup.state_shardings, batch_sh),
+        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )
+    c = setup.config
+    s = c.model.image.image_size
+    abstract_batch = {
+        "image": jax.ShapeDtypeStruct((c.train.batch_size, s, s, 3), jnp.float32, sharding=batch_sh["image"]),
+        "text": jax.ShapeDtypeStruct((c.train.batch_size, c.model.text.context_length), jnp.int32,
+                                     sharding=batch_sh["text"]),
+    }
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        return step.lower(setup.abstract_state, abstract_batch).compile()

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs N clipjax processes on this machine, each with its own simulated CPU
+# devices, joined into one global mesh with gloo collectives.
+#
+#   launch/local.sh N [--devices_per_process=D] [--port=P] [--cmd=train|eval] -- --config=... --workdir=... [...]
+#
+# Every process gets the same flags plus --coordinator/--num_processes/--process_id.
+# Logs go to WORKDIR-independent files /tmp/clipjax-local-<port>/process_<i>.log;
+# process 0's output is streamed. If any process fails, the others are killed
+# and the launch exits non-zero.
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+  sed -n '2,12p' "$0"; exit 2
+fi
+N="$1"; shift
+DEVICES=4
+PORT=$((20000 + RANDOM % 20000))
+CMD=train
+while [[ $# -gt 0 && "$1" != "--" ]]; do
+  case "$1" in
+    --devices_per_process=*) DEVICES="${1#*=}" ;;
+    --port=*) PORT="${1#*=}" ;;
+    --cmd=*) CMD="${1#*=}" ;;
+    *) echo "unknown launcher flag $1 (put program flags after --)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ "${1:-}" == "--" ]] && shift
+
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${CLIPJAX_BIN:-$HERE/.venv/bin}"
+LOGDIR="/tmp/clipjax-local-$PORT"
+mkdir -p "$LOGDIR"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT INT TERM
+
+for ((i = 0; i < N; i++)); do
+  XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu \
+    "$BIN/clipjax-$CMD" --coordinator="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i" "$@" \
+    >"$LOGDIR/process_$i.log" 2>&1 &
+  pids+=($!)
+done
+tail -n +1 -f "$LOGDIR/process_0.log" &
+tailpid=$!
+
+# Poll all processes; the first failure kills the rest (a dead peer must not leave others hanging).
+status=0
+declare -A done_=()
+while (( ${#done_[@]} < N )); do
+  for ((i = 0; i < N; i++)); do
+    [[ -n "${done_[$i]:-}" ]] && continue
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      if wait "${pids[$i]}"; then rc=0; else rc=$?; fi
+      done_[$i]=$rc
+      if (( rc != 0 )); then
+        status=$rc
+        echo "clipjax local launch: process $i exited with status $rc; stopping the others (logs in $LOGDIR)" >&2
+        tail -n 20 "$LOGDIR/process_$i.log" >&2 || true
+        break 2
+      fi
+    fi
+  done
+  sleep 0.5
+done
+kill "$tailpid" 2>/dev/null || true
+exit "$status"
