@@ -29,10 +29,10 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is intact."""
 
 
-def make_mesh_from_config(config) -> jax.sharding.Mesh:
+def make_mesh_from_config(config, devices=None) -> jax.sharding.Mesh:
     m = config.mesh
     return sharding.make_mesh({a: m[a] for a in sharding.MESH_AXES},
-                              {a: m[f"dcn_{a}"] for a in sharding.MESH_AXES})
+                              {a: m[f"dcn_{a}"] for a in sharding.MESH_AXES}, devices=devices)
 
 
 def _default_data_iterator(config, mesh) -> Any:
@@ -60,12 +60,16 @@ def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterator] | None = None,
-          evaluate_fn: Callable | None = None) -> TrainState:
-    """Trains ``config`` in ``workdir`` (auto-resuming) and returns the final state."""
-    config_lib.validate(config, jax.device_count())
+          evaluate_fn: Callable | None = None, devices=None) -> TrainState:
+    """Trains ``config`` in ``workdir`` (auto-resuming) and returns the final state.
+
+    ``devices`` (default: all) restricts the mesh, e.g. to compare meshes in one process.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    config_lib.validate(config, len(devices))
     is_main = jax.process_index() == 0
     ckpt_lib.check_workdir_writable(workdir)
-    mesh = make_mesh_from_config(config)
+    mesh = make_mesh_from_config(config, devices)
     setup = make_setup(config, mesh)
     checkpointer = ckpt_lib.Checkpointer(
         workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,

@@ -1,0 +1,86 @@
+"""Config selection, overrides, derived values and error messages."""
+
+import math
+import pathlib
+
+import pytest
+
+from clipjax.config import load_config, parse_arg, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLIP = str(ROOT / "configs" / "clip.py")
+SIGLIP = str(ROOT / "configs" / "siglip.py")
+DEMO = str(ROOT / "configs" / "demo.py")
+
+
+def test_argument_selects_variant_and_overrides_apply():
+    c = load_config(f"{CLIP}:model=B/16,batch=4096", ["--config.optim.lr=0.001", "--config.loss.impl=ring",
+                                                       "--config.model.image.depth=6"])
+    assert c.model.size == "B/16" and c.train.batch_size == 4096
+    assert c.optim.lr == 0.001 and c.loss.impl == "ring"
+    validate(c, num_devices=8)
+    assert c.model.image.width == 768 and c.model.image.patch_size == 16
+    assert c.model.image.depth == 6  # an explicit override beats the size table
+    assert c.model.text.heads == 8 and c.model.embed_dim == 512
+    assert c.mesh.fsdp == 8 and c.mesh.data == 1  # -1 filled in
+    assert c.model.init_logit_scale == pytest.approx(math.log(1 / 0.07))
+    assert c.model.init_logit_bias is None
+
+
+def test_siglip_derives_scale_and_bias():
+    c = load_config(f"{SIGLIP}:model=B/16,batch=1024")
+    validate(c, num_devices=8)
+    assert c.model.init_logit_scale == pytest.approx(math.log(10.0))
+    assert c.model.init_logit_bias == -10.0
+    assert c.optim.b2 == 0.95
+
+
+def test_demo_config_validates_on_eight_devices():
+    c = load_config(DEMO)
+    validate(c, num_devices=8)
+    assert c.model.size == "tiny"
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(Exception, match="learning_rate"):
+        load_config(CLIP, ["--config.optim.learning_rate=1.0"])
+
+
+def test_wrong_type_fails_naming_it():
+    with pytest.raises(Exception, match="steps"):
+        load_config(CLIP, ["--config.train.steps=abc"])
+
+
+def test_unknown_config_argument_fails():
+    with pytest.raises(ValueError, match="modle"):
+        load_config(f"{CLIP}:modle=B/16")
+    with pytest.raises(ValueError, match="known"):
+        parse_arg("x=1", model="B/32")
+
+
+@pytest.mark.parametrize("overrides,num_devices,match", [
+    (["--config.train.batch_size=100"], 8, r"batch_size=100 .*data-parallel size 8"),
+    (["--config.train.batch_size=64", "--config.train.grad_accum=3"], 8, "grad_accum=3"),
+    (["--config.mesh.data=3", "--config.mesh.fsdp=-1"], 8, "not divisible"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], 8, "at most one axis"),
+    (["--config.loss.kind=hinge"], 8, "loss.kind"),
+    (["--config.loss.impl=magic"], 8, "loss.impl"),
+    (["--config.model.size=XL/7"], 8, "model.size"),
+    (["--config.model.image.heads=5"], 8, "model.image.width=768 is not divisible by model.image.heads=5"),
+    (["--config.model.image.image_size=100"], 8, "image_size=100"),
+    (["--config.optim.lock_image=true", "--config.optim.lock_text=true"], 8, "nothing would train"),
+])
+def test_validate_errors_name_the_key(overrides, num_devices, match):
+    c = load_config(f"{CLIP}:batch=1024", overrides)
+    with pytest.raises(ValueError, match=match):
+        validate(c, num_devices=num_devices)
+
+
+def test_sizes_are_one_table():
+    from clipjax.models.sizes import SIZES
+
+    assert set(SIZES) >= {"tiny", "S/32", "S/16", "B/32", "B/16", "L/14", "H/14", "g/14"}
+    for name in SIZES:
+        c = load_config(f"{CLIP}:model={name},batch=64")
+        validate(c, num_devices=8)
+        assert c.model.image.width % c.model.image.heads == 0
