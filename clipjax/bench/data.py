@@ -1,0 +1,119 @@
+"""`clipjax-bench data`: input pipeline images/s against a plain Pillow decode.
+
+Writes ArrayRecord shards of procedurally textured JPEGs (photo-like sizes),
+then times on the same files in one run:
+
+* Pillow full-size decode, ``Image.open(...).convert("RGB")`` (one core),
+* the train pipeline (decode + random resized crop + resize + tokenize + batch +
+  normalise) with 0 workers (one core) and without JPEG draft mode,
+* the same with N grain worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from clipjax.data import records
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
+    """A JPEG with smooth colour regions, edges and grain, so its size resembles a photo's."""
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    mid = Image.fromarray(rng.integers(0, 256, (height // 12, width // 12, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BILINEAR)
+    arr = 0.6 * np.asarray(base, np.float32) + 0.4 * np.asarray(mid, np.float32)
+    for _ in range(int(rng.integers(4, 10))):  # a few hard-edged objects
+        x0, y0 = rng.integers(0, width - 20), rng.integers(0, height - 20)
+        x1, y1 = x0 + rng.integers(20, width // 2), y0 + rng.integers(20, height // 2)
+        arr[y0:y1, x0:x1] = 0.5 * arr[y0:y1, x0:x1] + 0.5 * rng.integers(0, 256, 3)
+    arr += rng.normal(0, 8, arr.shape)  # sensor grain
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_shards(folder: str, num_images: int, width: int = 500, height: int = 375, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    num_shards = 4
+    for k in range(num_shards):
+        with records.ShardWriter(os.path.join(folder, records.shard_name("train", k, num_shards))) as w:
+            for i in range(k * num_images // num_shards, (k + 1) * num_images // num_shards):
+                w_, h_ = (width, height) if i % 3 else (height, width)  # mostly landscape, some portrait
+                jpeg = photo_like_jpeg(rng, w_, h_)
+                jpegs.append(jpeg)
+                w.write(records.Example(f"img{i}", jpeg, [f"a photo of object number {i} on a table"], -1))
+    return jpegs
+
+
+def time_raw_decode(jpegs: list[bytes], passes: int) -> float:
+    """Images/s of a full-size Pillow decode to RGB."""
+    t = time.perf_counter()
+    for _ in range(passes):
+        for data in jpegs:
+            Image.open(io.BytesIO(data)).convert("RGB")
+    return passes * len(jpegs) / (time.perf_counter() - t)
+
+
+def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, batch: int, num_images: int,
+                  tokenizer: str, passes: int) -> float:
+    """Images/s of the train pipeline over ``passes`` epochs, after one warm-up batch."""
+    from clipjax.data import config, pipeline
+
+    cfg = config.data_config()
+    cfg.source, cfg.path, cfg.num_workers, cfg.draft_decode, cfg.tokenizer = "arrayrecord", folder, workers, draft, tokenizer
+    cfg.prefetch = 0 if workers == 0 else 2  # 0 workers: everything on this one core
+    it = pipeline.make_train_iterator(cfg, global_batch_size=batch, image_size=image_size, context_length=77,
+                                      seed=0, process_index=0, process_count=1)
+    try:
+        next(it)  # worker start-up is not throughput
+        n = max(1, passes * num_images // batch)
+        t = time.perf_counter()
+        for _ in range(n):
+            b = next(it)
+        dt = time.perf_counter() - t
+        assert b["image"].shape == (batch, image_size, image_size, 3)
+    finally:
+        it.close()
+    return n * batch / dt
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clipjax-bench data", description=__doc__.splitlines()[0])
+    p.add_argument("--num_images", type=int, default=300)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--width", type=int, default=500, help="source JPEG size (a third are portrait)")
+    p.add_argument("--height", type=int, default=375)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the multi-worker row")
+    p.add_argument("--passes", type=int, default=2, help="epochs timed per measurement")
+    p.add_argument("--tokenizer", default="bytes", choices=("bytes", "clip"))
+    p.add_argument("--dir", default="", help="where to write the shards (default: a temporary folder)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    from clipjax.bench.table import emit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = a.dir or tmp
+        jpegs = write_shards(folder, a.num_images, a.width, a.height)
+        kb = np.mean([len(j) for j in jpegs]) / 1024
+        raw = time_raw_decode(jpegs, a.passes)
+        common = dict(image_size=a.image_size, batch=a.batch, num_images=a.num_images, tokenizer=a.tokenizer,
+                      passes=a.passes)
+        rows = [{"case": "pillow full decode (convert RGB)", "workers": 0, "images_per_s": raw, "vs_raw": 1.0}]
+        for name, workers, draft in (("pipeline, draft decode", 0, True), ("pipeline, full decode", 0, False),
+                                     ("pipeline, draft decode", a.workers, True)):
+            ips = time_pipeline(folder, workers=workers, draft=draft, **common)
+            rows.append({"case": name, "workers": workers, "images_per_s": ips, "vs_raw": ips / raw})
+        for r in rows:
+            r.update(jpeg_kb=round(float(kb), 1), size=f"{a.width}x{a.height}->{a.image_size}")
+        rows[-1]["vs_0_workers"] = rows[-1]["images_per_s"] / rows[1]["images_per_s"]
+    emit(rows, a.json)
+    return 0

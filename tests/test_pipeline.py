@@ -1,0 +1,249 @@
+"""The grain input pipeline: process sharding, shuffling, resume, bad images, eval, mesh, TFDS."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipjax import sharding
+from clipjax.data import config as data_config_lib
+from clipjax.data import pipeline, records, transforms
+
+N = 37  # odd, so the two processes get 19 and 18 records
+SIZE = 8  # tiny output images keep the tests fast
+
+
+def _png(index: int, w: int = 20, h: int = 14) -> bytes:
+    """A solid image whose colour encodes ``index`` (survives crop and resize exactly)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (index % 256, index // 256, 77)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _index_of(images: np.ndarray) -> np.ndarray:
+    """Inverse of ``_png`` on normalised [b, H, W, 3] batches: the record index per row."""
+    px = np.asarray(images)[:, SIZE // 2, SIZE // 2, :2]
+    u8 = np.rint((px * np.asarray(transforms.OPENAI_STD[:2]) + np.asarray(transforms.OPENAI_MEAN[:2])) * 255)
+    return (u8[:, 0] + 256 * u8[:, 1]).astype(int)
+
+
+def _write(folder: str, split: str, examples: list[records.Example], shards: int = 2) -> str:
+    for k in range(shards):
+        lo, hi = k * len(examples) // shards, (k + 1) * len(examples) // shards
+        with records.ShardWriter(os.path.join(folder, records.shard_name(split, k, shards))) as w:
+            for ex in examples[lo:hi]:
+                w.write(ex)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("shards"))
+    train = [records.Example(f"k{i}", _png(i, 20 + i % 5, 14 + i % 3), [f"first {i}", f"second {i}", f"third {i}"], i % 5)
+             for i in range(N)]
+    # eval: a varying number of captions (0..6) to exercise K-padding and truncation
+    evals = [records.Example(f"e{i}", _png(i), [f"c{j} of {i}" for j in range(i % 7)], i % 5) for i in range(N)]
+    _write(folder, "train", train)
+    _write(folder, "val", evals, shards=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory) -> str:
+    """40 records, every 4th image undecodable (garbage bytes or a truncated PNG)."""
+    folder = str(tmp_path_factory.mktemp("bad"))
+    exs = []
+    for i in range(40):
+        image = _png(i)
+        if i % 8 == 1:
+            image = b"not an image at all"
+        elif i % 8 == 5:
+            image = image[: len(image) // 2]
+        exs.append(records.Example(f"b{i}", image, [f"cap {i}"], -1))
+    return _write(folder, "train", exs)
+
+
+def _cfg(folder: str, **kw):
+    c = data_config_lib.data_config()
+    c.source, c.path, c.num_workers, c.prefetch = "arrayrecord", folder, 0, 0
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def _train(cfg, *, batch=8, seed=0, pi=0, pc=1, mesh=None) -> pipeline.TrainIterator:
+    return pipeline.make_train_iterator(cfg, global_batch_size=batch, image_size=SIZE, context_length=16, seed=seed,
+                                        mesh=mesh, process_index=pi, process_count=pc)
+
+
+def _take(it, n: int) -> list[dict]:
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+def _indices(batches: list[dict]) -> np.ndarray:
+    return np.concatenate([_index_of(b["image"]) for b in batches])
+
+
+def test_processes_partition_each_epoch(shards):
+    # global batch 8 over 2 processes = 4 per process; 5 batches = 20 >= 19 records each
+    per_proc = [_indices(_take(_train(_cfg(shards), pi=p, pc=2), 10)) for p in range(2)]
+    n0, n1 = (N + 1) // 2, N // 2
+    e0 = [per_proc[0][:n0], per_proc[1][:n1]]
+    assert len(set(e0[0]) | set(e0[1])) == N and not set(e0[0]) & set(e0[1])
+    assert sorted(np.concatenate(e0)) == list(range(N))
+    # epoch 1: again a partition of the whole epoch, in another order
+    e1 = [per_proc[0][n0:2 * n0], per_proc[1][n1:2 * n1]]
+    assert sorted(np.concatenate(e1)) == list(range(N))
+    assert not np.array_equal(np.concatenate(e0), np.concatenate(e1))
+
+
+def test_shuffle_order_depends_on_seed_only(shards):
+    a = _indices(_take(_train(_cfg(shards), seed=3), 4))
+    b = _indices(_take(_train(_cfg(shards), seed=3), 4))
+    c = _indices(_take(_train(_cfg(shards), seed=4), 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, np.arange(len(a)))
+    plain = _indices(_take(_train(_cfg(shards, shuffle=False)), 5))
+    np.testing.assert_array_equal(plain, np.arange(40) % N)
+
+
+def _assert_same(xs: list[dict], ys: list[dict]) -> None:
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
+
+
+def test_resume_gives_the_uninterrupted_batches(shards):
+    cfg = _cfg(shards, prefetch=2)  # with the prefetch thread, whose buffer must not leak into the state
+    whole = _take(_train(cfg), 9)
+    it = _train(cfg)
+    first = [next(it) for _ in range(4)]
+    state = it.get_state()
+    it.close()
+    assert state == {"position": 32, "num_skipped": 0}
+    fresh = _train(cfg)
+    fresh.set_state(state)
+    _assert_same(first + _take(fresh, 5), whole)
+
+
+def test_workers_match_no_workers_and_resume_across_worker_counts(shards):
+    ref = _take(_train(_cfg(shards)), 6)
+    it = _train(_cfg(shards, num_workers=2, prefetch=1))
+    got = [next(it) for _ in range(3)]
+    state = it.get_state()
+    it.close()
+    _assert_same(got, ref[:3])
+    fresh = _train(_cfg(shards))  # resume with another worker count
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 3), ref[3:])
+
+
+def test_orbax_checkpoint_roundtrip(shards, tmp_path):
+    import orbax.checkpoint as ocp
+
+    whole = _take(_train(_cfg(shards)), 5)
+    it = _train(_cfg(shards))
+    head = [next(it) for _ in range(2)]
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.save(2, args=ocp.args.Composite(data=it.save_args()))
+        mngr.wait_until_finished()
+        it.close()
+        fresh = _train(_cfg(shards))
+        mngr.restore(2, args=ocp.args.Composite(data=pipeline.restore_args(fresh)))
+    _assert_same(head + _take(fresh, 3), whole)
+
+
+def test_bad_images_are_skipped_and_counted(bad_shards):
+    it = _train(_cfg(bad_shards, shuffle=False, max_skip_fraction=0.6), batch=10)
+    batches = _take(it, 3)  # 30 good images need all 40 records
+    good = _indices(batches)
+    np.testing.assert_array_equal(good, [i for i in range(40) if i % 4 != 1])
+    # cumulative count of the bad records read up to each batch's last good one
+    assert [b["num_skipped"] for b in batches] == [sum(1 for i in range(g + 1) if i % 4 == 1) for g in good[9::10]]
+    assert batches[-1]["num_skipped"] == 10
+
+
+def test_too_many_bad_images_raise(bad_shards):
+    it = _train(_cfg(bad_shards, max_skip_fraction=0.05, skip_check_after=8), batch=10)
+    with pytest.raises(pipeline.DataError, match=r"max_skip_fraction=0\.05"):
+        _take(it, 3)
+
+
+def test_eval_pads_the_last_batch_and_masks(shards):
+    K = 4
+    seen_labels = []
+    for p in range(2):
+        ev = pipeline.make_eval_iterator(_cfg(shards), split="val", batch_size=16, image_size=SIZE, context_length=16,
+                                         max_captions=K, process_index=p, process_count=2)
+        batches = list(ev)
+        assert len(batches) == len(ev) == 3  # ceil(19 / 8) on both processes
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert mask.sum() == (19 if p == 0 else 18) and mask[: mask.sum()].all()
+        b = batches[0]
+        assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.float32
+        assert b["text"].shape == (8, K, 16) and b["text"].dtype == np.int32
+        assert b["text_mask"].shape == (8, K) and b["label"].dtype == np.int32
+        idx = np.concatenate([_index_of(b["image"]) for b in batches])[mask]
+        np.testing.assert_array_equal(idx, np.arange(p, N, 2))  # unshuffled, strided
+        labels = np.concatenate([b["label"] for b in batches])
+        np.testing.assert_array_equal(labels[mask], idx % 5)
+        assert (labels[~mask] == -1).all()
+        n_caps = np.concatenate([b["text_mask"] for b in batches]).sum(1)
+        np.testing.assert_array_equal(n_caps[mask], np.minimum(idx % 7, K))
+        seen_labels.append(labels[mask])
+    assert sum(len(x) for x in seen_labels) == N
+
+
+def test_global_arrays_on_a_mesh(shards, devices):
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1}, devices=devices)
+    ref = _take(_train(_cfg(shards), batch=16), 2)
+    got = _take(_train(_cfg(shards), batch=16, mesh=mesh), 2)
+    for r, g in zip(ref, got):
+        assert isinstance(g["image"], jax.Array) and isinstance(g["num_skipped"], int)
+        assert g["image"].sharding.is_equivalent_to(sharding.batch_sharding(mesh, 4), 4)
+        assert g["text"].sharding.is_equivalent_to(sharding.batch_sharding(mesh, 2), 2)
+        np.testing.assert_array_equal(np.asarray(g["image"]), r["image"])
+        np.testing.assert_array_equal(np.asarray(g["text"]), r["text"])
+
+
+def test_tfds_source_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = data_config_lib.data_config()
+    cfg.source, cfg.tfds_name, cfg.num_workers, cfg.prefetch = "tfds", "mnist", 0, 0
+    with tfds.testing.mock_data(num_examples=12):
+        batch = _take(_train(cfg, batch=4), 4)[-1]
+        assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["text"].shape == (4, 16)
+        ev = pipeline.make_eval_iterator(cfg, split="test", batch_size=8, image_size=SIZE, context_length=16,
+                                         max_captions=2, process_index=0, process_count=1)
+        batches = list(ev)
+    assert len(batches) == 2 and sum(int(b["mask"].sum()) for b in batches) == 12
+    labels = np.concatenate([b["label"] for b in batches])[:12]
+    assert ((labels >= 0) & (labels < 10)).all()
+    assert np.concatenate([b["text_mask"] for b in batches])[:12, 0].all()  # "a photo of a 3." from the class name
+
+
+def test_validate_data_config_names_the_key():
+    c = data_config_lib.data_config()
+    data_config_lib.validate_data_config(c)
+    for key, value, needle in [("source", "webdataset", "config.data.source"),
+                               ("crop_scale", (0.5, 1.2), "config.data.crop_scale"),
+                               ("caption_choice", "longest", "config.data.caption_choice"),
+                               ("max_skip_fraction", 2.0, "config.data.max_skip_fraction")]:
+        bad = data_config_lib.data_config()
+        bad[key] = value
+        with pytest.raises(ValueError, match=needle):
+            data_config_lib.validate_data_config(bad)
+    bad = data_config_lib.data_config()
+    bad.source = "arrayrecord"
+    with pytest.raises(ValueError, match="config.data.path"):
+        data_config_lib.validate_data_config(bad)
