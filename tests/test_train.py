@@ -1,0 +1,172 @@
+"""End-to-end training: loss falls, exact resume after SIGKILL, SIGTERM, faults, mesh changes."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clipjax import checkpoint as ckpt_lib
+from clipjax.config import load_config
+from clipjax.metrics import read_metrics
+from clipjax.train import NonFiniteError, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def smoke(data_dir, *overrides, arg=""):
+    spec = f"{DEMO}:smoke,data={data_dir}" + (f",{arg}" if arg else "")
+    return load_config(spec, list(overrides))
+
+
+def losses_of(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "train/loss" in r}
+
+
+def test_loss_falls_on_learnable_data(data_dir, tmp_path):
+    c = smoke(data_dir, "--config.train.steps=40", "--config.train.log_every=5", "--config.optim.lr=3e-3",
+              "--config.checkpoint.every=40")
+    train(c, str(tmp_path))
+    losses = losses_of(str(tmp_path))
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < 0.75 * first, losses
+    rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    keys = set().union(*rows)
+    for key in ("train/loss", "train/lr", "train/scale", "train/grad_norm", "train/samples_per_sec",
+                "train/step_time", "train/mfu", "train/i2t_acc", "train/t2i_acc"):
+        assert key in keys, key
+
+
+def test_checkpoint_restores_on_another_mesh_and_continues_identically(data_dir, tmp_path, devices):
+    ref_dir, dir_a = str(tmp_path / "ref"), str(tmp_path / "a")
+    train(smoke(data_dir, "--config.train.steps=6", "--config.checkpoint.every=3"), ref_dir)
+    # First half on 8 devices (data=4 x fsdp=2), second half on 1 device.
+    train(smoke(data_dir, "--config.train.steps=3", "--config.checkpoint.every=3"), dir_a)
+    state = train(smoke(data_dir, "--config.train.steps=6", "--config.checkpoint.every=3",
+                        "--config.mesh.data=1", "--config.mesh.fsdp=1"), dir_a, devices=devices[:1])
+    ref, got = losses_of(ref_dir), losses_of(dir_a)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]
+    for step in ref:
+        np.testing.assert_allclose(got[step], ref[step], rtol=1e-5)
+    assert int(state.step) == 6
+
+
+def test_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(data_dir, tmp_path):
+    from clipjax.train import _default_data_iterator
+
+    class Poisoned:
+        """The real pipeline, with NaN images from step 4 on."""
+
+        def __init__(self, config, mesh):
+            self.inner, self.n = _default_data_iterator(config, mesh), 0
+
+        def __next__(self):
+            batch = next(self.inner)
+            self.n += 1
+            if self.n > 4:
+                batch["image"] = batch["image"] * np.nan
+            return batch
+
+        def save_args(self):
+            return self.inner.save_args()
+
+        def restore_args(self):
+            return self.inner.restore_args()
+
+    c = smoke(data_dir, "--config.train.steps=20", "--config.checkpoint.every=4",
+              "--config.train.max_consecutive_skips=3")
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
+        train(c, str(tmp_path), data_iterator_fn=Poisoned)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), every=4, keep=2)
+    assert ck.latest_step() in (4, 8)
+    rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert any(r.get("train/skipped_steps", 0) >= 1 for r in rows)
+
+
+def test_unwritable_workdir_fails_clearly(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(Exception, match="writable|directory|exists"):
+        train(smoke(data_dir), str(blocker / "run"))
+
+
+def test_incompatible_checkpoint_fails_at_start(data_dir, tmp_path):
+    train(smoke(data_dir, "--config.train.steps=2", "--config.checkpoint.every=2"), str(tmp_path))
+    with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="model"):
+        train(smoke(data_dir, "--config.train.steps=4", "--config.model.embed_dim=48"), str(tmp_path))
+
+
+# ---------------------------------------------------------------- subprocess runs
+
+
+def _cli(workdir, data_dir, *extra):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-c", "from clipjax.main import train_main; train_main()",
+           f"--config={DEMO}:smoke,data={data_dir}", f"--workdir={workdir}", *extra]
+    return cmd, env
+
+
+def _final_params(workdir):
+    ck = ckpt_lib.Checkpointer(workdir, every=1, keep=10)
+    step = ck.latest_step()
+    return step, ck.read_params(step)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_equals_uninterrupted_run(data_dir, tmp_path):
+    extra = ["--config.train.steps=12", "--config.checkpoint.every=4", "--config.checkpoint.async_save=false"]
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    cmd, env = _cli(ref, data_dir, *extra)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    cmd, env = _cli(run, data_dir, *extra, "--config.train.log_every=1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill hard once a checkpoint exists and a few later steps were logged.
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        steps = losses_of(run) if os.path.exists(os.path.join(run, "metrics.jsonl")) else {}
+        if steps and max(steps) >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step() in (4, 8)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    ref_losses, run_losses = losses_of(ref), losses_of(run)
+    assert sorted(run_losses) == sorted(ref_losses) == list(range(1, 13))
+    assert run_losses == ref_losses  # bitwise on CPU
+    (s1, p1), (s2, p2) = _final_params(ref), _final_params(run)
+    assert s1 == s2 == 12
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    cmd, env = _cli(run, data_dir, "--config.train.steps=100000", "--config.checkpoint.every=1000",
+                    "--config.train.log_every=1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(run, "metrics.jsonl")) and len(losses_of(run)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    step = ckpt_lib.Checkpointer(run, every=1000, keep=3).latest_step()
+    logged = max(losses_of(run))
+    assert step is not None and step >= 3 and step >= logged
