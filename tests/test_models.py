@@ -19,6 +19,7 @@ def model_cfg(size="tiny", **overrides):
         m.size = size
         _fill(m, get_size(size))
         m.init_logit_scale = math.log(1 / 0.07)
+        m.text.vocab_size = 49408
         m.dtype = "float32"
         for key, value in overrides.items():
             node = m
