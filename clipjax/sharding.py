@@ -112,6 +112,12 @@ def make_mesh(
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh described by ``config.mesh`` (ici sizes and ``dcn_*`` sizes)."""
+    return make_mesh({a: mesh_cfg[a] for a in MESH_AXES}, {a: mesh_cfg[f"dcn_{a}"] for a in MESH_AXES},
+                     devices=devices)
+
+
 def batch_size_divisor(mesh: Mesh) -> int:
     """Number of shards the global batch is split into."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -167,3 +173,28 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
         unboxed,
         is_leaf=lambda x: isinstance(x, P),
     )
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def follow_params(abstract_tree: Any, abstract_params: Any, param_sh: Any, default: NamedSharding) -> Any:
+    """Shardings for a tree that embeds param-shaped leaves (e.g. optimizer moments).
+
+    A leaf whose trailing dict keys and shape match a parameter gets that
+    parameter's sharding; anything else (counts, scalars) gets ``default``.
+    """
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_sh)):
+        by_path[_dict_keys(path)] = (tuple(leaf.shape), sh)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)

@@ -29,12 +29,6 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is intact."""
 
 
-def make_mesh_from_config(config, devices=None) -> jax.sharding.Mesh:
-    m = config.mesh
-    return sharding.make_mesh({a: m[a] for a in sharding.MESH_AXES},
-                              {a: m[f"dcn_{a}"] for a in sharding.MESH_AXES}, devices=devices)
-
-
 def _default_data_iterator(config, mesh) -> Any:
     from clipjax.data import pipeline
 
@@ -69,7 +63,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     config_lib.validate(config, len(devices))
     is_main = jax.process_index() == 0
     ckpt_lib.check_workdir_writable(workdir)
-    mesh = make_mesh_from_config(config, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     setup = make_setup(config, mesh)
     checkpointer = ckpt_lib.Checkpointer(
         workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,

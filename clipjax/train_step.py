@@ -70,8 +70,7 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
     abstract_params = nn.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: repl)
+    opt_sh = sharding.follow_params(abstract_opt, abstract_params, param_sh, repl)
     state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, consecutive_skips=repl,
                           total_skips=repl)
     abstract = jax.eval_shape(functools.partial(_init_state, model, tx, config), jax.random.key(0))
@@ -125,6 +124,11 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
     dtype = jnp.dtype(config.model.dtype)
 
     def embed(params, images, ids):
+        # A locked tower (LiT) gets no gradient at all: cheaper, and it stays out of clipping.
+        params = dict(params)
+        for tower, locked in (("image", config.optim.lock_image), ("text", config.optim.lock_text)):
+            if locked:
+                params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
         zimg = model.apply(v, images.astype(dtype), method=CLIP.encode_image)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)

@@ -11,6 +11,7 @@ dataset lives).
 """
 
 from clipjax.config import base_config, parse_arg
+from clipjax.evals.config import retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
@@ -49,6 +50,10 @@ def get_config(arg=None):
     c.data.synth.num_train = 20000
     c.data.synth.num_heldout = 1000
 
+    # Held-out split: attribute combinations never seen in training.
+    c.evals.synthetic_zeroshot = zeroshot_eval(source="synthetic", split="heldout", every=0)
+    c.evals.synthetic_retrieval = retrieval_eval(source="synthetic", split="heldout", every=0)
+
     if a.smoke:
         m.image.update(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
         m.text.update(width=32, depth=1, heads=2, mlp_dim=64, context_length=48)
@@ -61,4 +66,6 @@ def get_config(arg=None):
         c.data.synth.num_train = 512
         c.data.synth.num_heldout = 64
         c.train.report = False
+        c.evals.synthetic_zeroshot.every = 4
+        c.evals.synthetic_retrieval.max_examples = 64
     return c

@@ -39,16 +39,16 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
     import time
 
     from clipjax import config as config_lib
+    from clipjax import sharding
     from clipjax import mfu as mfu_lib
-    from clipjax.train import make_mesh_from_config
-    from clipjax.train_step import compile_train_step, make_setup
+        from clipjax.train_step import compile_train_step, make_setup
 
     if mesh_sizes:
         with config.unlocked():
             for axis in ("data", "fsdp", "tensor"):
                 config.mesh[axis] = int(mesh_sizes.get(axis, 1))
     config_lib.validate(config, len(devices))
-    mesh = make_mesh_from_config(config, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     t0 = time.perf_counter()
     setup = make_setup(config, mesh)
     compiled = compile_train_step(setup)
