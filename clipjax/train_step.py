@@ -179,7 +179,8 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
     out = {f"train/{name}": value for name, value in metrics.items()}
     out.update({
         "train/loss": loss,
-        "train/lr": setup.schedule(state.step),
+        # The optimizer counts applied updates only, so skipped steps do not advance the schedule.
+        "train/lr": setup.schedule(state.step - state.total_skips),
         "train/grad_norm": grad_norm,
         "train/param_norm": optax.global_norm(params),
         "train/finite": finite,

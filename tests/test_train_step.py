@@ -96,7 +96,11 @@ def test_eight_devices_equal_one_device(devices):
     s1, h1 = run_steps(c1, batches, devices[:1])
     for a, b in zip(h8, h1):
         np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
-    assert _max_rel(s8.params, s1.params) < 1e-4
+    # Weights agree to float noise; Adam turns noise in exactly-zero gradients (the key bias)
+    # into small absolute moves, so compare on the scale of the whole tree.
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)))
+    assert diff < 1e-4
     assert h8[2]["train/loss"] != h8[0]["train/loss"]
 
 
@@ -112,7 +116,7 @@ def test_fsdp_shards_params_and_optimizer_state(devices):
 
 
 def test_nan_batch_is_skipped_without_touching_weights(devices):
-    c = tiny_config()
+    c = tiny_config(**{"optim.warmup_steps": 0})
     validate(c, 8)
     setup = make_setup(c, sharding.mesh_from_config(c.mesh, devices))
     state = init_state(setup, 0)
