@@ -37,8 +37,8 @@ def losses_of(workdir):
 
 
 def test_loss_falls_on_learnable_data(data_dir, tmp_path):
-    c = smoke(data_dir, "--config.train.steps=40", "--config.train.log_every=5", "--config.optim.lr=3e-3",
-              "--config.checkpoint.every=40")
+    c = smoke(data_dir, "--config.train.steps=120", "--config.train.log_every=10", "--config.optim.lr=5e-3",
+              "--config.checkpoint.every=120", "--config.evals.synthetic_zeroshot.every=0")
     train(c, str(tmp_path))
     losses = losses_of(str(tmp_path))
     first, last = losses[min(losses)], losses[max(losses)]
