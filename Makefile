@@ -28,7 +28,9 @@ $(BPE):
 
 bpe: $(STAMP) $(BPE)
 
+# 8 simulated CPU devices: the demo config's mesh is data=4 x fsdp=2.
 demo: $(STAMP)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)" JAX_PLATFORMS=cpu \
 	$(BIN)/clipjax-train --config=configs/demo.py --workdir=$(DEMO_DIR)
 
 test: $(STAMP) $(BPE)

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:argument].", lock_config=True)
@@ -25,6 +26,9 @@ def _setup() -> None:
 
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:
+        # Library INFO lines (orbax's per-save chatter) would bury clipjax's own; --verbosity=0 brings them back.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("clipjax").setLevel(logging.INFO)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 

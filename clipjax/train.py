@@ -139,6 +139,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             handle(*pending)
         pending = (step + 1, metrics)
         done = step + 1
+        side_start = time.perf_counter()
         if evaluate is not None:
             evaluate(done, state, writer, final=done == total)
         if preemption.requested:
@@ -151,6 +152,8 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             return state
         if checkpointer.should_save(done) or done == total:
             checkpointer.save(done, state, _data_args(data_iter, restore=False), force=done == total)
+        # Evaluation and checkpoint time is not step time: keep it out of step_time, samples/s and MFU.
+        window_start += time.perf_counter() - side_start
     if pending is not None:
         handle(*pending, force_log=True)
     checkpointer.wait()

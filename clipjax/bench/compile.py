@@ -41,7 +41,7 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
     from clipjax import config as config_lib
     from clipjax import sharding
     from clipjax import mfu as mfu_lib
-        from clipjax.train_step import compile_train_step, make_setup
+    from clipjax.train_step import compile_train_step, make_setup
 
     if mesh_sizes:
         with config.unlocked():
