@@ -111,3 +111,15 @@ def test_info_json_and_idempotence(small, tmp_path):
     open(os.path.join(part, "train-00000-of-00002.array_record.tmp"), "wb").close()
     synth.ensure_synthetic(part, SMALL)
     assert {k: v for k, v in _files(part).items() if not k.endswith(".tmp")} == _files(small)
+
+
+def test_older_format_is_regenerated(small, tmp_path):
+    old = str(tmp_path / "old")
+    synth.ensure_synthetic(old, dict(SMALL, num_train_shards=3))
+    info_path = os.path.join(old, synth.INFO_FILE)
+    info = json.load(open(info_path))
+    info["format_version"] = synth.FORMAT_VERSION - 1
+    info["settings"] = dict(SMALL)  # even with today's settings, an older format is redrawn
+    json.dump(info, open(info_path, "w"))
+    assert synth.ensure_synthetic(old, SMALL)["format_version"] == synth.FORMAT_VERSION
+    assert _files(old) == _files(small)  # the stale third shard is gone

@@ -30,7 +30,7 @@ from clipjax.data import records
 SPLIT_TRAIN = "train"
 SPLIT_HELDOUT = "heldout"
 INFO_FILE = "info.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Distinct hues, none starting with a vowel (so "a {colour} {shape}" reads right).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -52,7 +52,7 @@ CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 TEMPLATES: tuple[str, ...] = ("{}.", "a {}.", "a drawing of a {}.", "a picture of a {}.")
 
 # Side of a shape as a fraction of the image side.
-_SIZE_FRAC = {"small": 0.15, "large": 0.26}
+_SIZE_FRAC = {"small": 0.24, "large": 0.38}
 # Region (x0, y0, x1, y1) as fractions of the image, per position.
 _REGIONS = {
     "on the left": (0.0, 0.0, 0.5, 1.0),
@@ -99,6 +99,9 @@ def captions_for(colour: str, shape: str, size: str, count: str, position: str) 
         f"{colour} {shape}, {'just one' if n == 1 else count + ' of them'}, {size}, {position}",
         f"{count} {size} {colour} {noun} {position}",
         f"a drawing of {count} {size} {colour} {noun} {position}",
+        # Short alt-text, as web captions often are: without it the text tower only ever
+        # pools at the end of long captions and a short zero-shot prompt is out of distribution.
+        f"a {colour} {shape}.",
     ]
 
 
@@ -121,7 +124,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, sid
 
 def draw_image(rng: np.random.Generator, image_size: int, colour: str, shape: str, size: str, count: str,
                position: str) -> np.ndarray:
-    """uint8 [S, S, 3] picture of ``count`` shapes placed without overlap in the region."""
+    """uint8 [S, S, 3] picture of ``count`` shapes, one per cell of the region."""
     s = image_size
     bg = int(rng.integers(80, 150))
     img = Image.new("RGB", (s, s), (bg, bg, bg))
@@ -130,7 +133,7 @@ def draw_image(rng: np.random.Generator, image_size: int, colour: str, shape: st
     x0, y0, x1, y1 = (f * s for f in _REGIONS[position])
     n = COUNTS.index(count) + 1
     # Split the region into n cells along its longer axis (a random one for the square
-    # middle) and jitter one shape inside each: shapes never overlap, so counts stay readable.
+    # middle) and jitter one shape inside each: only large shapes in narrow cells touch, so counts stay readable.
     vertical = (y1 - y0) > (x1 - x0) or ((y1 - y0) == (x1 - x0) and bool(rng.integers(2)))
     order = rng.permutation(n)  # which cell gets which (slightly different) size
     for k in range(n):
@@ -226,7 +229,13 @@ def ensure_synthetic(folder: str, synth_cfg: Any) -> dict[str, Any]:
     want["num_train_shards"] = min(want["num_train_shards"], want["num_train"])
     if info is None:
         return generate(folder, synth_cfg)
-    if info.get("format_version") != FORMAT_VERSION or info.get("settings") != want:
+    if info.get("format_version") != FORMAT_VERSION:
+        # Made by an older clipjax (other drawings or captions): ours to replace.
+        for name in os.listdir(folder):
+            if name == INFO_FILE or name.startswith((f"{SPLIT_TRAIN}-", f"{SPLIT_HELDOUT}-")):
+                os.remove(os.path.join(folder, name))
+        return generate(folder, synth_cfg)
+    if info.get("settings") != want:
         raise ValueError(f"{folder!r} holds a synthetic dataset made with {info.get('settings')}, not {want}; "
                          "point config.data.path elsewhere or delete the folder")
     return info
