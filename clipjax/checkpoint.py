@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from typing import Any
@@ -136,6 +137,20 @@ class Checkpointer:
             raise IncompatibleCheckpoint(
                 f"cannot restore step {step} of {self.manager.directory} into this config's state: {e}") from e
         return restored["state"], restored.get("data") if data_args is not None else None
+
+    def data_states(self, step: int) -> list[dict[str, Any]]:
+        """The data iterator states saved at ``step``, one per process that wrote them."""
+        folder = os.path.join(str(self.manager.directory), str(step), "data")
+        found = {}
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", name)
+            if m:
+                with open(os.path.join(folder, name)) as f:
+                    found[int(m.group(1))] = (int(m.group(2)), json.load(f))
+        counts = {count for count, _ in found.values()}
+        if len(counts) > 1 or (counts and sorted(found) != list(range(counts.pop()))):
+            raise IncompatibleCheckpoint(f"{folder}: data iterator files do not form one set: {sorted(os.listdir(folder))}")
+        return [found[i][1] for i in sorted(found)]
 
     def read_params(self, step: int) -> Any:
         """The saved params of ``step`` as host numpy arrays (for inspection and tests)."""

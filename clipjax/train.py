@@ -72,7 +72,13 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     latest = checkpointer.latest_step()
     if latest is not None:
-        state, _ = checkpointer.restore(latest, setup.abstract_state, _data_args(data_iter, restore=True))
+        data_states = checkpointer.data_states(latest)
+        if not data_states or len(data_states) == jax.process_count():
+            state, _ = checkpointer.restore(latest, setup.abstract_state, _data_args(data_iter, restore=True))
+        else:  # saved by another number of processes: continue the same global stream
+            state, _ = checkpointer.restore(latest, setup.abstract_state)
+            data_iter.set_state_from_processes(data_states)
+            log.info("data stream of %d processes continued by %d", len(data_states), jax.process_count())
         log.info("resumed from step %d in %s", latest, workdir)
     else:
         params = None

@@ -34,7 +34,8 @@ LOGDIR="/tmp/clipjax-local-$PORT"
 mkdir -p "$LOGDIR"
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+signal_=TERM  # Ctrl-C or a SIGTERM to the launcher: the processes save a checkpoint and stop
+cleanup() { for p in "${pids[@]}"; do kill -"$signal_" "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 
 for ((i = 0; i < N; i++)); do
@@ -43,7 +44,7 @@ for ((i = 0; i < N; i++)); do
     >"$LOGDIR/process_$i.log" 2>&1 &
   pids+=($!)
 done
-tail -n +1 -f "$LOGDIR/process_0.log" &
+tail -n +1 -F "$LOGDIR/process_0.log" 2>/dev/null &
 tailpid=$!
 
 # Poll all processes; the first failure kills the rest (a dead peer must not leave others hanging).
@@ -57,6 +58,7 @@ while (( ${#done_[@]} < N )); do
       done_[$i]=$rc
       if (( rc != 0 )); then
         status=$rc
+        signal_=KILL  # with a peer gone the collectives cannot finish: a save would only hang
         echo "clipjax local launch: process $i exited with status $rc; stopping the others (logs in $LOGDIR)" >&2
         tail -n 20 "$LOGDIR/process_$i.log" >&2 || true
         break 2

@@ -247,6 +247,29 @@ class TrainIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         self._top.set_state(state)
 
+    def set_state_from_processes(self, states: list[dict[str, Any]]) -> None:
+        """Continues a stream saved by ``len(states)`` processes (one state each, by process index).
+
+        Process i of M reads global slots ``i, i + M, i + 2M ...`` of each epoch's
+        permutation, so any process count reads the same global order. This process
+        starts at the first global slot that no saved process had read; slots past it
+        that a process ahead had already read (it skipped bad examples) are read again.
+        """
+        fn, m = self._batches._fn, len(states)
+        n = fn.num_records
+
+        def global_slot(position: int, index: int) -> int:
+            epoch, k = divmod(position, len(range(index, n, m)))
+            return epoch * n + index + m * k
+
+        first_unread = min(global_slot(int(st["position"]), i) for i, st in enumerate(states))
+        epoch, rest = divmod(first_unread, n)
+        k = max(0, -(-(rest - fn.process_index) // fn.process_count))
+        if fn.process_index + fn.process_count * k >= n:
+            epoch, k = epoch + 1, 0
+        skipped = sum(int(st["num_skipped"]) for st in states) // fn.process_count
+        self.set_state({"position": epoch * fn.local_len + k, "num_skipped": skipped})
+
     @property
     def grain_iterator(self) -> grain.DatasetIterator:
         """The grain iterator whose state this is (what the orbax grain handler saves)."""

@@ -1,0 +1,138 @@
+"""Real multi-process runs through launch/local.sh: gloo CPU collectives on localhost.
+
+Two processes with 4 simulated devices each form one 8-device mesh; they must
+train exactly like one process with 8 devices, hand checkpoints to and from a
+one-process run on another mesh, and exit promptly when one of them dies.
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clipjax import checkpoint as ckpt_lib
+from clipjax.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.py")
+LAUNCH = str(ROOT / "launch" / "local.sh")
+BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # Generated once up front: concurrent processes must not race to write it.
+    from clipjax.config import load_config
+    from clipjax.data import synth
+
+    path = str(tmp_path_factory.mktemp("synthetic"))
+    synth.ensure_synthetic(path, load_config(f"{DEMO}:smoke,data={path}").data.synth)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flags(workdir, data_dir, steps, *extra):
+    return [f"--config={DEMO}:smoke,data={data_dir}", f"--workdir={workdir}", f"--config.train.steps={steps}",
+            "--config.checkpoint.every=4", "--config.checkpoint.async_save=false", "--config.evals.synthetic_zeroshot.every=0",
+            # A constant schedule after warmup: runs of different lengths take the same steps.
+            "--config.optim.schedule=constant", *extra]
+
+
+def _env():
+    return dict(os.environ, CLIPJAX_BIN=BIN, PYTHONUNBUFFERED="1")
+
+
+def run_local(n, workdir, data_dir, steps, *extra, timeout=600):
+    cmd = ["bash", LAUNCH, str(n), "--devices_per_process=4", f"--port={_free_port()}", "--",
+           *_flags(workdir, data_dir, steps, *extra)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-4000:]
+
+
+def run_single(workdir, data_dir, steps, *extra):
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([f"{BIN}/clipjax-train", *_flags(workdir, data_dir, steps, *extra)], env=env,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-4000:]
+
+
+def losses_of(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "train/loss" in r}
+
+
+def assert_same_losses(got, want, steps):
+    assert sorted(got) == list(steps), sorted(got)
+    for s in steps:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), (s, got[s], want[s])
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One process, 8 devices, 12 uninterrupted steps."""
+    ref = str(tmp_path_factory.mktemp("ref"))
+    run_single(ref, data_dir, 12)
+    return losses_of(ref)
+
+
+def test_two_processes_train_like_one(data_dir, reference, tmp_path):
+    run = str(tmp_path / "run")
+    run_local(2, run, data_dir, 8)
+    assert_same_losses(losses_of(run), reference, range(1, 9))
+    # Each process wrote its own data-iterator state; together they read the global stream.
+    states = ckpt_lib.Checkpointer(run, every=4, keep=3).data_states(8)
+    assert len(states) == 2 and all(s["position"] == 8 * 16 for s in states)
+
+
+def test_checkpoints_move_between_process_counts_and_meshes(data_dir, reference, tmp_path):
+    # 2 processes (data 4 x fsdp 2) -> 1 process (data 2 x fsdp 4), and the reverse.
+    a = str(tmp_path / "a")
+    run_local(2, a, data_dir, 8)
+    run_single(a, data_dir, 12, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    assert_same_losses(losses_of(a), reference, range(1, 13))
+    b = str(tmp_path / "b")
+    run_single(b, data_dir, 8, "--config.mesh.data=8", "--config.mesh.fsdp=1")
+    run_local(2, b, data_dir, 12)
+    assert_same_losses(losses_of(b), reference, range(1, 13))
+
+
+def test_a_dead_process_ends_the_launch_and_a_rerun_resumes(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    port = _free_port()
+    cmd = ["bash", LAUNCH, "2", "--devices_per_process=4", f"--port={port}", "--",
+           *_flags(run, data_dir, 100000, "--config.train.log_every=1")]
+    launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step() is None:
+        time.sleep(0.5)
+    assert ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step() is not None
+    victim = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port} .*--process_id=1"], capture_output=True,
+                            text=True).stdout.split()
+    assert victim, "process 1 not found"
+    killed_at = time.time()
+    os.kill(int(victim[0]), signal.SIGKILL)
+    try:
+        _, err = launcher.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail("the launch did not exit within a minute of a process dying")
+    assert launcher.returncode != 0
+    assert time.time() - killed_at < 60
+    assert b"process 1 exited" in err
+    saved = ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step()
+    time.sleep(1)  # let the killed survivors' ports close
+    run_local(2, run, data_dir, saved + 4)
+    assert max(losses_of(run)) == saved + 4
