@@ -247,3 +247,31 @@ def test_validate_data_config_names_the_key():
     bad.source = "arrayrecord"
     with pytest.raises(ValueError, match="config.data.path"):
         data_config_lib.validate_data_config(bad)
+
+
+def test_stream_continues_under_another_process_count(shards):
+    # 2 processes, 3 steps of 4 each, then 1 process:
+    # the 1-process stream goes on from the first global slot neither process had read.
+    two = [_train(_cfg(shards), pi=p, pc=2) for p in range(2)]
+    read = [_indices([next(it) for _ in range(3)]) for it in two]
+    states = [it.get_state() for it in two]
+    for it in two:
+        it.close()
+    one = _train(_cfg(shards), pc=1, batch=4)
+    one.set_state_from_processes(states)
+    nxt = _indices(_take(one, 3))
+    # the uninterrupted 1-process stream, in global slot order
+    ref = _indices(_take(_train(_cfg(shards), pc=1, batch=4), 9))
+    assert sorted(np.concatenate(read)) == sorted(ref[:24])
+    np.testing.assert_array_equal(nxt, ref[24:36])
+    # and back: 1 process -> 2 processes split the rest of the same global stream
+    one = _train(_cfg(shards), pc=1, batch=4)
+    _ = [next(one) for _ in range(5)]
+    state = one.get_state()
+    one.close()
+    halves = []
+    for p in range(2):
+        it = _train(_cfg(shards), pi=p, pc=2)
+        it.set_state_from_processes([state])
+        halves.append(_indices(_take(it, 2)))
+    assert sorted(np.concatenate(halves)) == sorted(ref[20:36])
