@@ -74,9 +74,10 @@ def _model_config() -> ml_collections.ConfigDict:
             "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
             "vocab_size": ph(int),  # derived from data.tokenizer: 49408 clip, 259 bytes
             "context_length": 77,
-            "pool": "eot",  # eot (argmax of ids, OpenAI CLIP) | last (last non-pad token)
+            "pool": "eot",  # eot (the end-of-text token) | last (last non-pad token)
             "causal": True,
             "pad_id": 0,
+            "eot_id": ph(int),  # derived from data.tokenizer: 49407 clip, 2 bytes
         },
         "act": "gelu",  # gelu | gelu_tanh | quick_gelu (OpenAI's original weights)
         "ln_eps": 1e-5,
@@ -186,6 +187,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         from clipjax.data.tokenizer import ByteTokenizer
 
         tokenizer_vocab = {"clip": 49408, "bytes": ByteTokenizer.vocab_size}.get(c.data.tokenizer)
+        if m.text.eot_id is None:
+            m.text.eot_id = {"clip": 49407, "bytes": ByteTokenizer.eot_id}.get(c.data.tokenizer)
         if m.text.vocab_size is None:
             m.text.vocab_size = tokenizer_vocab or 49408
         elif tokenizer_vocab and m.text.vocab_size < tokenizer_vocab:

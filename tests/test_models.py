@@ -194,3 +194,21 @@ def test_model_code_names_no_mesh_axes():
         text = path.read_text()
         for axis in sharding.MESH_AXES:
             assert f'"{axis}"' not in text and f"'{axis}'" not in text, f"{path.name} names mesh axis {axis}"
+
+
+def test_eot_pooling_finds_a_small_end_token():
+    """The bytes tokenizer's end token (2) is not its largest id: pool="eot" must still find it."""
+    from clipjax.data.tokenizer import ByteTokenizer
+
+    m = tiny(**{"text.pool": "eot", "text.eot_id": ByteTokenizer.eot_id, "text.vocab_size": ByteTokenizer.vocab_size})
+    ids = jnp.asarray(ByteTokenizer(16)(["a red circle.", "two small blue squares"]), jnp.int32)
+    images, _ = _inputs(m, b=2)
+    model, params, (_, z_eot, _, _) = _init_apply(m, images, ids)
+    last = model.apply({"params": params["params"]}, ids, method=model.encode_text)
+    m_last = tiny(**{"text.pool": "last", "text.vocab_size": ByteTokenizer.vocab_size})
+    z_last = build_model(m_last).apply({"params": params["params"]}, ids, method=model.encode_text)
+    np.testing.assert_allclose(np.asarray(z_eot), np.asarray(last), atol=0)
+    np.testing.assert_allclose(np.asarray(z_eot), np.asarray(z_last), atol=1e-6)  # end token = last non-pad
+    m_argmax = tiny(**{"text.pool": "eot", "text.vocab_size": ByteTokenizer.vocab_size})
+    z_argmax = build_model(m_argmax).apply({"params": params["params"]}, ids, method=model.encode_text)
+    assert np.max(np.abs(np.asarray(z_argmax) - np.asarray(z_eot))) > 1e-4  # argmax picks a byte

@@ -97,8 +97,10 @@ class ImageTower(nn.Module):
 class TextTower(nn.Module):
     """Token + position embeddings, pre-norm transformer, final norm, pool, project.
 
-    `pool="eot"` takes the end-of-text token at argmax(ids) (OpenAI CLIP: the
-    end token has the largest id); `pool="last"` takes the last non-pad token.
+    `pool="eot"` takes the first ``eot_id`` token (or, with ``eot_id=None``, the
+    token at argmax(ids): OpenAI CLIP's end token has the largest id); `pool="last"`
+    takes the last non-pad token, which is also the fallback for a text without
+    an end token.
     Causal attention (or, without it, a key-padding mask) means pad tokens after
     the pooled position never change the embedding.
     """
@@ -113,6 +115,7 @@ class TextTower(nn.Module):
     pool: str = "eot"
     causal: bool = True
     pad_id: int = 0
+    eot_id: int | None = None
     act: str = "gelu"
     ln_eps: float = 1e-5
     remat: str = "none"
@@ -136,10 +139,12 @@ class TextTower(nn.Module):
                             causal=self.causal, remat=self.remat, scan=self.scan, dtype=self.dtype,
                             name="transformer")(x_BTD, None if self.causal else valid_BT)
         x_BTD = LayerNorm(self.ln_eps, self.dtype, name="ln_final")(x_BTD)
-        if self.pool == "eot":
+        index_B = jnp.maximum(jnp.sum(valid_BT, axis=-1) - 1, 0)
+        if self.pool == "eot" and self.eot_id is None:
             index_B = jnp.argmax(ids_BT, axis=-1)
-        else:
-            index_B = jnp.maximum(jnp.sum(valid_BT, axis=-1) - 1, 0)
+        elif self.pool == "eot":
+            is_eot_BT = ids_BT == self.eot_id
+            index_B = jnp.where(jnp.any(is_eot_BT, axis=-1), jnp.argmax(is_eot_BT, axis=-1), index_B)
         x_BD = jnp.take_along_axis(x_BTD, index_B[:, None, None], axis=1)[:, 0]
         w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
         return jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
