@@ -1,7 +1,8 @@
 """Multi-host start-up: every host runs the same program; this joins them into one JAX runtime.
 
-Order of precedence: explicit coordinator flags, then SLURM, then Cloud TPU pod
-metadata. A single process with none of these runs on its local devices.
+Order of precedence: explicit coordinator flags, then ``CLIPJAX_DISTRIBUTED=auto``
+(JAX's own cluster detection, used on TPU pods), then SLURM, then multi-host TPU
+environment variables. A single process with none of these runs on its local devices.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ log = logging.getLogger("clipjax")
 
 
 def _is_multiprocess_env() -> str | None:
-    """Names the multi-host environment this process runs in, if any."""
+    """Names the multi-host environment this process runs in, if any.
+
+    ``CLIPJAX_DISTRIBUTED=auto`` (set by launch/tpu_pod.sh) leaves the detection to
+    ``jax.distributed.initialize()``, which reads Cloud TPU pod metadata itself.
+    """
+    if os.environ.get("CLIPJAX_DISTRIBUTED") == "auto":
+        return "auto"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return "slurm"
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")

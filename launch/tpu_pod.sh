@@ -65,7 +65,7 @@ ARGS="$(printf " %q" "$@")"
 "${GCLOUD[@]}" ssh "$NAME" --worker=all "${COMMON[@]}" --command="
   cd ~/clipjax
   if [[ \$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number) == 0 ]]; then
-    .venv/bin/clipjax-train $ARGS 2>&1 | tee -a ~/clipjax/train.log
+    CLIPJAX_DISTRIBUTED=auto .venv/bin/clipjax-train $ARGS 2>&1 | tee -a ~/clipjax/train.log
   else
-    .venv/bin/clipjax-train $ARGS >> ~/clipjax/train.log 2>&1
+    CLIPJAX_DISTRIBUTED=auto .venv/bin/clipjax-train $ARGS >> ~/clipjax/train.log 2>&1
   fi"
