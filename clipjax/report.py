@@ -58,7 +58,8 @@ def _is_accuracy(k: str) -> bool:
     last = k.rsplit("/", 1)[-1]
     return ((k.startswith("train/") and "acc" in last)
             or (k.startswith("zeroshot/") and last == "top1")
-            or k.startswith("retrieval/"))
+            # recalls only: ranks, counts and similarities live on other scales
+            or (k.startswith("retrieval/") and "_r" in last and "rank" not in last))
 
 
 def _plot(ax, rows, keys: list[str], marker_if_sparse: bool = True) -> bool:
