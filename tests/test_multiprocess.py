@@ -89,7 +89,8 @@ def reference(data_dir, tmp_path_factory):
 
 def test_two_processes_train_like_one(data_dir, reference, tmp_path):
     run = str(tmp_path / "run")
-    run_local(2, run, data_dir, 8)
+    # Both processes generate this (deterministic) synthetic dataset at once: no clashes.
+    run_local(2, run, str(tmp_path / "fresh_synthetic"), 8)
     assert_same_losses(losses_of(run), reference, range(1, 9))
     # Each process wrote its own data-iterator state; together they read the global stream.
     states = ckpt_lib.Checkpointer(run, every=4, keep=3).data_states(8)

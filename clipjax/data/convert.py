@@ -125,8 +125,8 @@ def _write_shard(index: int, count: int, examples: Iterator[records.Example | No
     """Writes one shard atomically; its stats file is in place before the shard gets its final name."""
     name = records.shard_name(opts.split, index, count)
     path = os.path.join(opts.out_dir, name)
-    if os.path.exists(path + ".tmp"):  # left by an interrupted run
-        os.remove(path + ".tmp")
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):  # left by an interrupted run
+        os.remove(stale)
     writer = records.ShardWriter(path)
     try:
         for ex in examples:

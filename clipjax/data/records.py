@@ -54,13 +54,14 @@ def shard_paths(folder: str, split: str) -> list[str]:
 class ShardWriter:
     """Writes encoded examples to one ArrayRecord shard, atomically on close.
 
-    The shard is written as ``<path>.tmp`` and renamed when closed, so a killed
-    converter never leaves a half-written shard under its final name.
+    The shard is written as ``<path>.tmp.<pid>`` and renamed when closed, so a killed
+    converter never leaves a half-written shard under its final name, and processes
+    writing the same shard at once (identical bytes) never share a file.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self._tmp = path + ".tmp"
+        self._tmp = f"{path}.tmp.{os.getpid()}"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._writer = array_record_module.ArrayRecordWriter(self._tmp, "group_size:1")
         self.count = 0

@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -205,7 +206,7 @@ def generate(folder: str, synth_cfg: Any) -> dict[str, Any]:
                 for i in range(lo, hi):
                     w.write(make_example(st["seed"], split, i, st["image_size"], st["jpeg_quality"]))
     info = info_for(st)
-    tmp = os.path.join(folder, INFO_FILE + ".tmp")
+    tmp = os.path.join(folder, f"{INFO_FILE}.tmp.{os.getpid()}")  # per process: several may generate at once
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)
     os.replace(tmp, os.path.join(folder, INFO_FILE))  # last and atomic: marks the folder complete
@@ -235,7 +236,7 @@ def ensure_synthetic(folder: str, synth_cfg: Any) -> dict[str, Any]:
     if info.get("format_version") != FORMAT_VERSION:
         # Made by an older clipjax (other drawings or captions): ours to replace.
         for name in os.listdir(folder):
-            if name == INFO_FILE or name.startswith((f"{SPLIT_TRAIN}-", f"{SPLIT_HELDOUT}-")):
+            if name == INFO_FILE or re.fullmatch(rf"({SPLIT_TRAIN}|{SPLIT_HELDOUT})-\d{{5}}-of-\d{{5}}\.array_record", name):
                 os.remove(os.path.join(folder, name))
         return generate(folder, synth_cfg)
     if info.get("settings") != want:
