@@ -170,3 +170,24 @@ def test_sigterm_saves_the_current_step(data_dir, tmp_path):
     step = ckpt_lib.Checkpointer(run, every=1000, keep=3).latest_step()
     logged = max(losses_of(run))
     assert step is not None and step >= 3 and step >= logged
+
+
+def test_standalone_eval_matches_the_in_training_eval(data_dir, tmp_path):
+    from clipjax.evals import runner
+
+    c = smoke(data_dir, "--config.train.steps=4", "--config.checkpoint.every=2")
+    train(c, str(tmp_path))
+    rows = [r for r in read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if r["step"] == 4]
+    logged = {k: v for r in rows for k, v in r.items()
+              if k.startswith(("zeroshot/", "retrieval/")) and isinstance(v, (int, float))}
+    assert "zeroshot/synthetic_zeroshot/top1" in logged and "retrieval/synthetic_retrieval/t2i_r1" in logged
+    got = runner.evaluate_checkpoint(smoke(data_dir, "--config.train.steps=4", "--config.checkpoint.every=2"),
+                                     str(tmp_path))
+    for key, value in logged.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    saved = json.load(open(tmp_path / "eval_4.json"))
+    assert saved["step"] == 4 and saved["metrics"]["zeroshot/synthetic_zeroshot/top1"] == pytest.approx(
+        logged["zeroshot/synthetic_zeroshot/top1"])
+    assert "zeroshot/synthetic_zeroshot/top1" in (tmp_path / "eval_4.md").read_text()
+    runner.evaluate_checkpoint(smoke(data_dir), str(tmp_path), step=2)  # an older step on request
+    assert json.load(open(tmp_path / "eval_2.json"))["step"] == 2
