@@ -140,16 +140,16 @@ class Checkpointer:
 
     def data_states(self, step: int) -> list[dict[str, Any]]:
         """The data iterator states saved at ``step``, one per process that wrote them."""
-        folder = os.path.join(str(self.manager.directory), str(step), "data")
+        folder = self.manager.directory / str(step) / "data"  # an epath: local disk or a bucket
         found = {}
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", name)
+        for path in folder.iterdir() if folder.exists() else ():
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
             if m:
-                with open(os.path.join(folder, name)) as f:
-                    found[int(m.group(1))] = (int(m.group(2)), json.load(f))
+                found[int(m.group(1))] = (int(m.group(2)), json.loads(path.read_text()))
         counts = {count for count, _ in found.values()}
         if len(counts) > 1 or (counts and sorted(found) != list(range(counts.pop()))):
-            raise IncompatibleCheckpoint(f"{folder}: data iterator files do not form one set: {sorted(os.listdir(folder))}")
+            names = sorted(p.name for p in folder.iterdir())
+            raise IncompatibleCheckpoint(f"{folder}: data iterator files do not form one set: {names}")
         return [found[i][1] for i in sorted(found)]
 
     def read_params(self, step: int) -> Any:
