@@ -27,6 +27,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import losses, optim, sharding
+from clipjax.data import resize, transforms
 from clipjax.models import CLIP, build_model, dummy_inputs
 
 SCALE_KEYS = ("logit_scale", "logit_bias")
@@ -56,7 +57,15 @@ class Setup:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
 
     def batch_shardings(self) -> dict[str, NamedSharding]:
-        return {"image": sharding.batch_sharding(self.mesh, 4), "text": sharding.batch_sharding(self.mesh, 2)}
+        return {key: sharding.batch_sharding(self.mesh, len(shape) + 1)
+                for key, (shape, _) in batch_spec(self.config).items()}
+
+
+def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-example shape and dtype of each train batch field (what the input pipeline yields)."""
+    p = transforms.ImageOptions.from_config(config.data, config.model.image.image_size).buffer_size
+    return {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
+            "text": ((config.model.text.context_length,), jnp.int32)}
 
 
 def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
@@ -117,19 +126,21 @@ def _merge_micro(x_KM: jax.Array) -> jax.Array:
 
 
 def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch ``{"image": [B,H,W,C], "text": [B,T]}``."""
+    """One optimizer step on a global batch (fields: ``batch_spec``; images as in ``resize.py``)."""
     config, model = setup.config, setup.model
     k = config.train.grad_accum
     lc = config.loss
     dtype = jnp.dtype(config.model.dtype)
+    image_size, interpolation = config.model.image.image_size, config.data.interpolation
 
-    def embed(params, images, ids):
+    def embed(params, pixels, ids):
         # A locked tower (LiT) gets no gradient at all: cheaper, and it stays out of clipping.
         params = dict(params)
         for tower, locked in (("image", config.optim.lock_image), ("text", config.optim.lock_text)):
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
+        images = resize.model_images(pixels, image_size, interpolation)
         zimg = model.apply(v, images.astype(dtype), method=CLIP.encode_image)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
         return zimg, ztxt
@@ -143,28 +154,29 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
                                        chunk_size=lc.chunk_size)
 
     params = state.params
+    pixels = {key: batch[key] for key in resize.IMAGE_KEYS}
     if k == 1:
         def full_loss(p):
-            zimg, ztxt = embed(p, batch["image"], batch["text"])
+            zimg, ztxt = embed(p, pixels, batch["text"])
             return loss_from_embeddings(zimg, ztxt, p)
 
         (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
     else:
-        images_K = _split_micro(batch["image"], k)
+        pixels_K = jax.tree.map(lambda x: _split_micro(x, k), pixels)
         ids_K = _split_micro(batch["text"], k)
-        zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (images_K, ids_K))
+        zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (pixels_K, ids_K))
         zimg, ztxt = _merge_micro(zimg_K), _merge_micro(ztxt_K)
         (loss, metrics), (g_zimg, g_ztxt, grads_sb) = jax.value_and_grad(
             loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
         g_zimg_K, g_ztxt_K = _split_micro(g_zimg, k), _split_micro(g_ztxt, k)
 
         def accumulate(grads, xs):
-            images, ids, gi, gt = xs
-            _, vjp = jax.vjp(lambda p: embed(p, images, ids), params)
+            pixels, ids, gi, gt = xs
+            _, vjp = jax.vjp(lambda p: embed(p, pixels, ids), params)
             (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype)))
             return jax.tree.map(jnp.add, grads, g), None
 
-        grads, _ = jax.lax.scan(accumulate, grads_sb, (images_K, ids_K, g_zimg_K, g_ztxt_K))
+        grads, _ = jax.lax.scan(accumulate, grads_sb, (pixels_K, ids_K, g_zimg_K, g_ztxt_K))
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -199,12 +211,8 @@ def compile_train_step(setup: Setup):
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
-    c = setup.config
-    s = c.model.image.image_size
-    abstract_batch = {
-        "image": jax.ShapeDtypeStruct((c.train.batch_size, s, s, 3), jnp.float32, sharding=batch_sh["image"]),
-        "text": jax.ShapeDtypeStruct((c.train.batch_size, c.model.text.context_length), jnp.int32,
-                                     sharding=batch_sh["text"]),
-    }
+    b = setup.config.train.batch_size
+    abstract_batch = {key: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=batch_sh[key])
+                      for key, (shape, dtype) in batch_spec(setup.config).items()}
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         return step.lower(setup.abstract_state, abstract_batch).compile()

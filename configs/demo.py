@@ -15,7 +15,7 @@ from clipjax.evals.config import retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=1200, batch=128, smoke=False, data="workdirs/synthetic")
+    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic")
     c = base_config()
     c.seed = 0
     m = c.model
@@ -61,7 +61,7 @@ def get_config(arg=None):
         m.text.update(width=32, depth=1, heads=2, mlp_dim=64, context_length=48)
         m.embed_dim = 32
         c.train.batch_size = 32 if a.batch == 128 else a.batch
-        c.train.steps = 8 if a.steps == 1200 else a.steps
+        c.train.steps = 8 if a.steps == 1500 else a.steps
         c.train.log_every = 1
         c.checkpoint.every = 4
         c.optim.warmup_steps = 2

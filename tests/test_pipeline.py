@@ -16,6 +16,7 @@ from clipjax.data import pipeline, records, transforms
 
 N = 37  # odd, so the two processes get 19 and 18 records
 SIZE = 8  # tiny output images keep the tests fast
+BUF = transforms.ImageOptions(SIZE).buffer_size  # side of the uint8 crop buffers
 
 
 def _png(index: int, w: int = 20, h: int = 14) -> bytes:
@@ -26,10 +27,9 @@ def _png(index: int, w: int = 20, h: int = 14) -> bytes:
 
 
 def _index_of(images: np.ndarray) -> np.ndarray:
-    """Inverse of ``_png`` on normalised [b, H, W, 3] batches: the record index per row."""
-    px = np.asarray(images)[:, SIZE // 2, SIZE // 2, :2]
-    u8 = np.rint((px * np.asarray(transforms.OPENAI_STD[:2]) + np.asarray(transforms.OPENAI_MEAN[:2])) * 255)
-    return (u8[:, 0] + 256 * u8[:, 1]).astype(int)
+    """Inverse of ``_png`` on [b, P, P, 3] uint8 crop buffers: the record index per row."""
+    px = np.asarray(images)[:, 0, 0, :2].astype(int)  # the crop's pixels start top-left
+    return px[:, 0] + 256 * px[:, 1]
 
 
 def _write(folder: str, split: str, examples: list[records.Example], shards: int = 2) -> str:
@@ -190,7 +190,8 @@ def test_eval_pads_the_last_batch_and_masks(shards):
         mask = np.concatenate([b["mask"] for b in batches])
         assert mask.sum() == (19 if p == 0 else 18) and mask[: mask.sum()].all()
         b = batches[0]
-        assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.float32
+        assert b["image"].shape == (8, BUF, BUF, 3) and b["image"].dtype == np.uint8
+        assert b["image_box"].shape == (8, 4) and b["image_hw"].shape == (8, 2)
         assert b["text"].shape == (8, K, 16) and b["text"].dtype == np.int32
         assert b["text_mask"].shape == (8, K) and b["label"].dtype == np.int32
         idx = np.concatenate([_index_of(b["image"]) for b in batches])[mask]
@@ -210,10 +211,11 @@ def test_global_arrays_on_a_mesh(shards, devices):
     got = _take(_train(_cfg(shards), batch=16, mesh=mesh), 2)
     for r, g in zip(ref, got):
         assert isinstance(g["image"], jax.Array) and isinstance(g["num_skipped"], int)
-        assert g["image"].sharding.is_equivalent_to(sharding.batch_sharding(mesh, 4), 4)
-        assert g["text"].sharding.is_equivalent_to(sharding.batch_sharding(mesh, 2), 2)
-        np.testing.assert_array_equal(np.asarray(g["image"]), r["image"])
-        np.testing.assert_array_equal(np.asarray(g["text"]), r["text"])
+        assert sorted(g) == sorted(r) == ["image", "image_box", "image_hw", "num_skipped", "text"]
+        for key in ("image", "image_box", "image_hw", "text"):
+            nd = r[key].ndim
+            assert g[key].sharding.is_equivalent_to(sharding.batch_sharding(mesh, nd), nd)
+            np.testing.assert_array_equal(np.asarray(g[key]), r[key])
 
 
 def test_tfds_source_with_mock_data():
@@ -222,7 +224,7 @@ def test_tfds_source_with_mock_data():
     cfg.source, cfg.tfds_name, cfg.num_workers, cfg.prefetch = "tfds", "mnist", 0, 0
     with tfds.testing.mock_data(num_examples=12):
         batch = _take(_train(cfg, batch=4), 4)[-1]
-        assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["text"].shape == (4, 16)
+        assert batch["image"].shape == (4, BUF, BUF, 3) and batch["text"].shape == (4, 16)
         ev = pipeline.make_eval_iterator(cfg, split="test", batch_size=8, image_size=SIZE, context_length=16,
                                          max_captions=2, process_index=0, process_count=1)
         batches = list(ev)

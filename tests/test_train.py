@@ -77,7 +77,7 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(data_dir, tmp
             batch = next(self.inner)
             self.n += 1
             if self.n > 4:
-                batch["image"] = batch["image"] * np.nan
+                batch["image_box"] = batch["image_box"] * np.nan  # NaN crop -> NaN images
             return batch
 
         def save_args(self):

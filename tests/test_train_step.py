@@ -7,7 +7,7 @@ import pytest
 
 from clipjax import sharding
 from clipjax.config import base_config, validate
-from clipjax.train_step import compile_train_step, init_state, make_setup
+from clipjax.train_step import batch_spec, compile_train_step, init_state, make_setup
 
 
 def tiny_config(batch=16, **overrides):
@@ -33,10 +33,14 @@ def tiny_config(batch=16, **overrides):
 
 def make_batch(c, seed):
     rng = np.random.default_rng(seed)
-    b, s, t = c.train.batch_size, c.model.image.image_size, c.model.text.context_length
+    b, t = c.train.batch_size, c.model.text.context_length
+    p = batch_spec(c)["image"][0][0]
     ids = rng.integers(1, c.model.text.vocab_size - 1, size=(b, t)).astype(np.int32)
     ids[:, -1] = c.model.text.vocab_size - 1
-    return {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32), "text": ids}
+    top_left = rng.uniform(0, p / 4, size=(b, 2))
+    box = np.concatenate([top_left, top_left + rng.uniform(p / 2, 3 * p / 4, size=(b, 2))], axis=1)
+    return {"image": rng.integers(0, 256, size=(b, p, p, 3), dtype=np.uint8), "image_box": box.astype(np.float32),
+            "image_hw": np.full((b, 2), p, np.int32), "text": ids}
 
 
 def run_steps(c, batches, devices):
@@ -124,7 +128,7 @@ def test_nan_batch_is_skipped_without_touching_weights(devices):
     sh = setup.batch_shardings()
     before = jax.device_get((state.params, state.opt_state))
     bad = make_batch(c, 0)
-    bad["image"][3, 0, 0, 0] = np.nan
+    bad["image_box"][3, 0] = np.nan  # NaN crop -> NaN image
     state, m = step(state, {k: jax.device_put(v, sh[k]) for k, v in bad.items()})
     after = jax.device_get((state.params, state.opt_state))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after, before)

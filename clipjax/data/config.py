@@ -50,7 +50,7 @@ def data_config() -> ml_collections.ConfigDict:
         # --- image ---
         "crop_scale": (0.9, 1.0),  # random resized crop: area fraction range (train)
         "crop_ratio": (3 / 4, 4 / 3),  # random resized crop: aspect ratio range (train)
-        "interpolation": "bicubic",  # resize filter: bicubic | bilinear | lanczos | nearest
+        "interpolation": "bicubic",  # resize filter (on the device): bicubic | bilinear | lanczos | nearest
         # JPEG draft mode: decode at 1/2, 1/4 or 1/8 scale when that still leaves the shorter
         # side >= draft_min_scale * image_size (much faster; slight upsampling when < 1).
         "draft_decode": True,

@@ -53,6 +53,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    if img.format in ("JPEG", "MPO") and "exif" not in img.info:  # the header had no EXIF block
+        return 1
     try:
         return int(img.getexif().get(0x0112, 1))
     except Exception:  # broken EXIF must not lose the image; it is ignored

@@ -5,11 +5,13 @@ Train, per process::
     position p of this process's stream
       -> (epoch, record): the epoch's global permutation, entries
          process_index::process_count (disjoint across processes, together the epoch)
-      -> read, decode (JPEG draft), random resized crop, resize   [grain workers]
+      -> read, decode (JPEG draft), draw the crop box, cut out     [grain workers]
+         its pixels (uint8)
       -> tokenize one caption                                      [grain workers]
-      -> normalise                                                 [grain workers]
-      -> drop undecodable examples, counting them; batch            [main process]
+      -> drop undecodable examples, counting them; batch, padding   [main process]
+         the crops into one [b, P, P, 3] buffer
       -> thread prefetch -> optional global jax.Array on a mesh
+      -> resize each crop to the model's size, normalise            [device, resize.py]
 
 All randomness of an example comes from ``(seed, epoch, record)`` and every
 many-to-one step runs after the workers, so batches do not depend on
@@ -19,6 +21,8 @@ counters (JSON), so a run can resume with another worker count.
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 from typing import Any, Iterator
 
@@ -33,7 +37,16 @@ from clipjax.data import transforms
 
 log = logging.getLogger("clipjax.data")
 
-_STREAM_END = 2**62  # "endless": positions are plain ints, far beyond any run
+# Up to this many records an epoch's permutation is a cached array: grain's index_shuffle
+# cycle-walks, so on small sets it costs ~0.1 ms an index (3.5 us from ~1e5 records on).
+_MAX_CACHED_PERMUTATION = 2**20
+_STREAM_END = 2**62
+# A grain element carries this many consecutive stream positions: one queue message and
+# one state read per task instead of per example (both cost about as much as the copy).
+_ROWS_PER_TASK = 16
+# Arrays below this travel pickled; grain would otherwise make a shared-memory segment for
+# every array, which costs more than copying a few KiB.
+_DATASET_OPTIONS = grain.experimental.DatasetOptions(min_shm_size=1 << 16)  # "endless": positions are plain ints, far beyond any run
 _SYNC_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # one core per worker, no reordering
 
 
@@ -65,6 +78,7 @@ def _mp_options(num_workers: int, buffer: int) -> grain.MultiprocessingOptions:
     return grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
 
 
+@functools.lru_cache(maxsize=16)
 def _epoch_seed(seed: int, epoch: int) -> int:
     """A 32-bit permutation seed per (seed, epoch), well mixed."""
     return int(np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1)[0])
@@ -88,8 +102,8 @@ class _LazyTokenizer:
         return dict(self.__dict__, _tok=None)
 
 
-def _decode_or_none(fn, *args) -> np.ndarray | None:
-    """The decoded uint8 image, or None for bad bytes (counted by the caller, never raised)."""
+def _decode_or_none(fn, *args) -> dict[str, np.ndarray] | None:
+    """The image's batch fields, or None for bad bytes (counted by the caller, never raised)."""
     try:
         return fn(*args)
     except (images_lib.BadImage, OSError, ValueError, Image.DecompressionBombError) as e:
@@ -113,6 +127,7 @@ class _TrainElement:
             raise ValueError(f"{source!r}: {self.num_records} records leave none for process "
                              f"{process_index} of {process_count}")
         self.opts, self.tokenizer, self.caption_choice = opts, tokenizer, caption_choice
+        self._cached_epoch, self._cached_permutation = -1, np.zeros((0,), np.int64)
 
     def record_of(self, position: int) -> tuple[int, int]:
         """(epoch, record index) of a stream position."""
@@ -120,8 +135,19 @@ class _TrainElement:
         slot = self.process_index + self.process_count * k  # this process's share of the epoch permutation
         if not self.shuffle or self.num_records == 1:
             return epoch, slot
+        if self.num_records <= _MAX_CACHED_PERMUTATION:
+            return epoch, int(self._permutation(epoch)[slot])
         return epoch, int(index_shuffle(slot, max_index=self.num_records - 1, seed=_epoch_seed(self.seed, epoch),
                                         rounds=4))
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._cached_epoch != epoch:
+            rng = np.random.default_rng(_epoch_seed(self.seed, epoch))
+            self._cached_permutation, self._cached_epoch = rng.permutation(self.num_records), epoch
+        return self._cached_permutation
+
+    def __getstate__(self) -> dict[str, Any]:  # workers rebuild the cache rather than unpickle it
+        return dict(self.__dict__, _cached_epoch=-1, _cached_permutation=np.zeros((0,), np.int64))
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         epoch, record = self.record_of(position)
@@ -132,13 +158,53 @@ class _TrainElement:
             log.debug("skipping unreadable record %d: %s", record, e)
             return {"ok": np.False_}
         captions = ex["captions"]
-        image_u8 = _decode_or_none(transforms.train_image, ex["image"], rng, self.opts) if captions else None
-        if image_u8 is None:
+        fields = _decode_or_none(transforms.train_image, ex["image"], rng, self.opts) if captions else None
+        if fields is None:
             return {"ok": np.False_}
         k = int(rng.integers(len(captions))) if self.caption_choice == "random" else 0
-        text = self.tokenizer.get()([captions[k]])[0].astype(np.int32)
-        # Normalised here, in the workers: the main process only stacks, so it is no bottleneck.
-        return {"ok": np.True_, "image": transforms.normalise(image_u8), "text": text}
+        fields["text"] = self.tokenizer.get()([captions[k]])[0].astype(np.int32)
+        fields["ok"] = np.True_
+        return fields
+
+
+class _TrainTask:
+    """Task index -> ``_ROWS_PER_TASK`` consecutive stream positions, prepared and packed."""
+
+    def __init__(self, element_fn: _TrainElement):
+        self.fn = element_fn
+
+    def __call__(self, task: int) -> dict[str, np.ndarray]:
+        start = task * _ROWS_PER_TASK
+        rows = [self.fn(p) for p in range(start, start + _ROWS_PER_TASK)]
+        n, length = len(rows), self.fn.tokenizer.context_length
+        packed = {"ok": np.asarray([bool(r["ok"]) for r in rows]), "image_hw": np.zeros((n, 2), np.int32),
+                  "image_box": np.zeros((n, 4), np.float32), "text": np.zeros((n, length), np.int32)}
+        ok_rows = [(i, r) for i, r in enumerate(rows) if r["ok"]]
+        pixels = np.empty((sum(r["pixels"].size for _, r in ok_rows),), np.uint8)
+        offset = 0
+        for i, r in ok_rows:
+            for key in ("image_hw", "image_box", "text"):
+                packed[key][i] = r[key]
+            size = r["pixels"].size
+            pixels[offset:offset + size].reshape(r["pixels"].shape)[...] = r["pixels"]  # the only copy
+            offset += size
+        packed["pixels"] = pixels
+        return packed
+
+
+def _unpack(task: dict[str, np.ndarray]) -> list[dict[str, np.ndarray] | None]:
+    """Inverse of ``_TrainTask``'s packing: one row per position, None where it was skipped."""
+    rows: list[dict[str, np.ndarray] | None] = []
+    offset = 0
+    for i, ok in enumerate(task["ok"]):
+        if not ok:
+            rows.append(None)
+            continue
+        h, w = (int(v) for v in task["image_hw"][i])
+        rows.append({"pixels": task["pixels"][offset:offset + h * w * 3].reshape(h, w, 3),
+                     "image_hw": task["image_hw"][i], "image_box": task["image_box"][i], "text": task["text"][i]})
+        offset += h * w * 3
+    return rows
 
 
 class _TrainBatches(grain.DatasetIterator):
@@ -157,29 +223,39 @@ class _TrainBatches(grain.DatasetIterator):
         self._source_name = source_name
         self._position = self._skipped = 0
         self._elements: grain.DatasetIterator | None = None
+        self._pending: collections.deque = collections.deque()  # rows of the current task not yet used
 
     def _open(self) -> grain.DatasetIterator:
         if self._elements is None:
-            ds = grain.MapDataset.range(self._position, _STREAM_END).map(self._fn).to_iter_dataset(_SYNC_READ)
+            first, skip = divmod(self._position, _ROWS_PER_TASK)
+            ds = grain.MapDataset.range(first, _STREAM_END // _ROWS_PER_TASK).map(_TrainTask(self._fn))
+            ds = grain.experimental.WithOptionsIterDataset(ds.to_iter_dataset(_SYNC_READ), _DATASET_OPTIONS)
             if self._num_workers > 0:
                 ds = ds.mp_prefetch(_mp_options(self._num_workers, self._worker_buffer))
             self._elements = iter(ds)
+            self._pending = collections.deque(_unpack(next(self._elements))[skip:])
         return self._elements
 
-    def __next__(self) -> dict[str, Any]:
+    def _next_row(self) -> dict[str, np.ndarray] | None:
         elements = self._open()
-        images, texts = [], []
-        while len(images) < self._batch_size:
-            el = next(elements)
+        while not self._pending:
+            self._pending.extend(_unpack(next(elements)))
+        return self._pending.popleft()
+
+    def __next__(self) -> dict[str, Any]:
+        rows: list[dict[str, np.ndarray]] = []
+        while len(rows) < self._batch_size:
+            row = self._next_row()
             self._position += 1
-            if not el["ok"]:
+            if row is None:
                 self._skipped += 1
                 self._check_skips()
                 continue
-            images.append(el["image"])
-            texts.append(el["text"])
-        return {"image": np.stack(images), "text": np.stack(texts),
-                "num_skipped": int(self._skipped)}
+            rows.append(row)
+        batch: dict[str, Any] = transforms.batch_regions(rows, self._fn.opts.buffer_size)
+        batch["text"] = np.stack([r["text"] for r in rows])
+        batch["num_skipped"] = int(self._skipped)
+        return batch
 
     def _check_skips(self) -> None:
         seen = self._position
@@ -203,6 +279,7 @@ class _TrainBatches(grain.DatasetIterator):
         if self._elements is not None:
             self._elements.close()
             self._elements = None
+            self._pending.clear()
 
     def __str__(self) -> str:
         return f"TrainBatches(batch_size={self._batch_size}, num_workers={self._num_workers})"
@@ -220,8 +297,10 @@ def _to_global(batch: dict[str, Any], mesh) -> dict[str, Any]:
 class TrainIterator:
     """Endless iterator of train batches with a checkpointable state.
 
-    Yields ``{"image": float32 [b, H, W, 3], "text": int32 [b, L], "num_skipped": int}``
-    (``num_skipped``: cumulative on this process). ``b`` is the per-process batch as
+    Yields ``{"image": uint8 [b, P, P, 3], "image_box": float32 [b, 4], "image_hw": int32 [b, 2],
+    "text": int32 [b, L], "num_skipped": int}`` (the image fields are described in
+    ``resize.py``, which turns them into model input on the device; ``num_skipped`` is
+    cumulative on this process). ``b`` is the per-process batch as
     numpy, or the global batch as ``jax.Array`` sharded over the batch axes when a
     mesh was given. Save with the weights via ``save_args`` / ``restore_args``.
     """
@@ -326,7 +405,7 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
                        caption_choice=data_cfg.caption_choice)
     workers = int(data_cfg.num_workers)
     # Workers keep about `prefetch` batches ready between them.
-    worker_buffer = max(2, -(-max(1, data_cfg.prefetch) * local_batch // max(1, workers)))
+    worker_buffer = max(2, -(-max(1, data_cfg.prefetch) * local_batch // (max(1, workers) * _ROWS_PER_TASK)))
     batches = _TrainBatches(fn, batch_size=local_batch, num_workers=workers, worker_buffer=worker_buffer,
                             max_skip_fraction=data_cfg.max_skip_fraction,
                             skip_check_after=data_cfg.skip_check_after, source_name=repr(source))
@@ -346,8 +425,8 @@ class _EvalElement:
         self.records = sources_lib.shard_positions(len(source), process_index, process_count)
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
-        s, k, L = self.opts.image_size, self.max_captions, self.tokenizer.context_length
-        out = {"image": np.zeros((s, s, 3), np.float32), "text": np.zeros((k, L), np.int32),
+        k, L = self.max_captions, self.tokenizer.context_length
+        out = {**transforms.empty_region(), "text": np.zeros((k, L), np.int32),
                "text_mask": np.zeros((k,), bool), "label": np.int32(-1), "mask": np.False_, "bad": np.False_}
         if position >= len(self.records):
             return out  # padding of the final batch
@@ -359,18 +438,24 @@ class _EvalElement:
         if captions:
             out["text"][: len(captions)] = tok(captions)
             out["text_mask"][: len(captions)] = True
-        image_u8 = _decode_or_none(transforms.eval_image, ex["image"], self.opts)
-        if image_u8 is None:
+        fields = _decode_or_none(transforms.eval_image, ex["image"], self.opts)
+        if fields is None:
             out["bad"] = np.True_  # kept as a masked row so positions stay aligned
         else:
-            out["image"], out["mask"] = transforms.normalise(image_u8), np.True_
+            out.update(fields, mask=np.True_)
         return out
+
+
+def _batch_eval(rows: list[dict[str, np.ndarray]], buffer_size: int) -> dict[str, np.ndarray]:
+    batch = transforms.batch_regions(rows, buffer_size)
+    batch.update({key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in ("pixels", *batch)})
+    return batch
 
 
 class EvalIterator:
     """One pass over a split, every process yielding the same number of batches.
 
-    Yields ``{"image": float32 [b, H, W, 3], "label": int32 [b] (-1: none),
+    Yields the image fields of ``resize.IMAGE_KEYS`` and ``{"label": int32 [b] (-1: none),
     "text": int32 [b, K, L], "text_mask": bool [b, K], "mask": bool [b]}``; rows with
     ``mask`` False are padding (or undecodable images, counted in ``num_skipped``).
     """
@@ -433,8 +518,9 @@ def make_eval_iterator(data_cfg_or_source_spec: Any, *, split: str, batch_size: 
     per_process = -(-len(source) // pc)
     num_batches = -(-per_process // local_batch)
     ds = grain.MapDataset.range(num_batches * local_batch).map(fn).to_iter_dataset(_SYNC_READ)
+    ds = grain.experimental.WithOptionsIterDataset(ds, _DATASET_OPTIONS)
     workers = int(cfg["num_workers"] if num_workers is None else num_workers)
     if workers > 0:
         ds = ds.mp_prefetch(_mp_options(workers, 2))
-    ds = ds.batch(local_batch)
+    ds = ds.batch(local_batch, batch_fn=functools.partial(_batch_eval, buffer_size=opts.buffer_size))
     return EvalIterator(ds, num_batches=num_batches, num_examples=len(fn.records), mesh=mesh)

@@ -1,36 +1,29 @@
-"""Per-example image transforms (decode, crop, resize) and batch normalisation.
+"""Host half of image preprocessing: decode, choose the crop box, cut out its pixels.
 
-Crops are computed in source pixels and applied by one ``Image.resize(box=...)``
-call, so cropping and resizing cost a single resampling pass.
+The host decodes (JPEG draft mode when it still covers the output size), draws
+the crop box and ships the pixels under it, plus a filter margin, as uint8 in a
+fixed ``[P, P, 3]`` batch buffer with the box and the valid extent. Resampling to the
+model's size and normalising happen on the accelerator (``resize.py``), so the
+host does no per-pixel arithmetic beyond the decode and one copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from clipjax.data import images
-
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
+from clipjax.data import images, resize
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-    """How an encoded image becomes a uint8 [image_size, image_size, 3] array."""
+    """How an encoded image becomes the device's crop (host settings from ``config.data``)."""
 
     image_size: int
     crop_scale: tuple[float, float] = (0.9, 1.0)
@@ -49,7 +42,23 @@ class ImageOptions:
     @property
     def draft_size(self) -> int | None:
         """Smallest shorter side JPEG draft decoding may produce (None: full decode)."""
-        return math.ceil(self.image_size * self.draft_min_scale) if self.draft else None
+        return self._draft_side if self.draft else None
+
+    @property
+    def _draft_side(self) -> int:
+        return math.ceil(self.image_size * self.draft_min_scale)
+
+    @property
+    def buffer_size(self) -> int:
+        """Side P of the uint8 buffer a crop travels in.
+
+        A draft-decoded JPEG's shorter side is at most 2 * draft side, a crop's longer
+        side at most the widest ratio times that, plus the filter margin: such crops
+        always fit. Larger ones (huge JPEGs, other formats) are box-reduced first.
+        """
+        widest = max(1.0, self.crop_ratio[1], 1.0 / self.crop_ratio[0])
+        longest = 2 * self._draft_side * widest
+        return _round_up(math.ceil(longest) + 2 * _margin(longest / self.image_size, self.interpolation), 8)
 
 
 def to_rgb(image: bytes | np.ndarray, draft_size: int | None) -> Image.Image:
@@ -94,32 +103,62 @@ def centre_crop_box(width: int, height: int) -> Box:
     return (x, y, x + side, y + side)
 
 
-def crop_resize(img: Image.Image, box: Box, size: int, interpolation: str) -> np.ndarray:
-    """uint8 [size, size, 3]: ``box`` of ``img`` resampled to a square."""
-    out = img.resize((size, size), RESAMPLE[interpolation], box=box)
-    return np.asarray(out, dtype=np.uint8)
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: ImageOptions) -> np.ndarray:
-    """Decode, random resized crop, resize: uint8 [S, S, 3]."""
+def _margin(scale: float, interpolation: str) -> int:
+    """Source pixels beyond the box that the filter reads when downscaling by ``scale``."""
+    return math.ceil(resize.support(interpolation) * max(scale, 1.0)) + 1
+
+
+def region_bounds(width: int, height: int, box: Box, opts: ImageOptions) -> tuple[int, int, int, int, int]:
+    """``(x0, y0, x1, y1, k)``: pixels to ship for ``box`` (box plus filter margin, inside the
+    image) and the integer reduction ``k`` that makes them fit the buffer (1: none)."""
+    left, top, right, bottom = box
+    m = _margin(max(right - left, bottom - top) / opts.image_size, opts.interpolation)
+    x0, y0 = max(0, math.floor(left) - m), max(0, math.floor(top) - m)
+    x1, y1 = min(width, math.ceil(right) + m), min(height, math.ceil(bottom) + m)
+    return x0, y0, x1, y1, -(-max(x1 - x0, y1 - y0) // opts.buffer_size)
+
+
+def cut_region(img: Image.Image, box: Box, opts: ImageOptions) -> dict[str, np.ndarray]:
+    """``{"pixels": uint8 [h, w, 3], "image_box", "image_hw"}``: what carries ``box`` of ``img``
+    to the device (``batch_regions`` pads the pixels into the batch buffer)."""
+    x0, y0, x1, y1, k = region_bounds(img.width, img.height, box, opts)
+    if k == 1:
+        pixels = np.asarray(img)[y0:y1, x0:x1]  # a view: the batch buffer is the only copy made
+    else:
+        pixels = np.asarray(img.reduce(k, (x0, y0, x1, y1)))
+    left, top, right, bottom = box
+    # reduce(k) maps source coordinate u to (u - origin) / k (pixel edges stay edges).
+    crop = np.asarray([(top - y0) / k, (left - x0) / k, (bottom - y0) / k, (right - x0) / k], np.float32)
+    return {"pixels": pixels, "image_box": crop, "image_hw": np.asarray(pixels.shape[:2], np.int32)}
+
+
+def empty_region() -> dict[str, np.ndarray]:
+    """A black 1x1 image (padding rows)."""
+    return {"pixels": np.zeros((1, 1, 3), np.uint8), "image_box": np.asarray([0, 0, 1, 1], np.float32),
+            "image_hw": np.ones((2,), np.int32)}
+
+
+def batch_regions(rows: Sequence[Mapping[str, np.ndarray]], buffer_size: int) -> dict[str, np.ndarray]:
+    """The batch's image fields (``resize.IMAGE_KEYS``) from ``cut_region`` outputs."""
+    image = np.zeros((len(rows), buffer_size, buffer_size, 3), np.uint8)
+    for i, r in enumerate(rows):
+        h, w = r["pixels"].shape[:2]
+        image[i, :h, :w] = r["pixels"]
+    return {"image": image, "image_box": np.stack([r["image_box"] for r in rows]),
+            "image_hw": np.stack([r["image_hw"] for r in rows])}
+
+
+def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: ImageOptions) -> dict[str, np.ndarray]:
+    """Decode and draw a random resized crop (``cut_region``'s output)."""
     img = to_rgb(image, opts.draft_size)
-    box = random_crop_box(rng, img.width, img.height, opts.crop_scale, opts.crop_ratio)
-    return crop_resize(img, box, opts.image_size, opts.interpolation)
+    return cut_region(img, random_crop_box(rng, img.width, img.height, opts.crop_scale, opts.crop_ratio), opts)
 
 
-def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> np.ndarray:
-    """Decode, resize shorter side to S, centre crop: uint8 [S, S, 3]."""
+def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> dict[str, np.ndarray]:
+    """Decode; the crop is the centred square (resize shorter side + centre crop in one)."""
     img = to_rgb(image, opts.draft_size)
-    return crop_resize(img, centre_crop_box(img.width, img.height), opts.image_size, opts.interpolation)
-
-
-_SCALE = (1.0 / (255.0 * np.asarray(OPENAI_STD))).astype(np.float32)
-_OFFSET = (-np.asarray(OPENAI_MEAN) / np.asarray(OPENAI_STD)).astype(np.float32)
-
-
-def normalise(images_u8: np.ndarray) -> np.ndarray:
-    """float32 (x / 255 - mean) / std with the OpenAI CLIP statistics, channels last."""
-    out = images_u8.astype(np.float32)
-    out *= _SCALE
-    out += _OFFSET
-    return out
+    return cut_region(img, centre_crop_box(img.width, img.height), opts)

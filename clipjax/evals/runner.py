@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from clipjax import sharding
+from clipjax.data import resize
 from clipjax.evals import classnames as classnames_lib
 from clipjax.evals import retrieval as retrieval_lib
 from clipjax.evals import zeroshot as zeroshot_lib
@@ -38,6 +39,10 @@ def _host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _pixels(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {key: batch[key] for key in resize.IMAGE_KEYS}
 
 
 def _replicated_put(x: np.ndarray, sh) -> jax.Array:
@@ -81,21 +86,23 @@ class Evaluator:
         multiple = math.lcm(sharding.batch_size_divisor(self.mesh), jax.process_count())
         self._round = lambda b: -(-int(b) // multiple) * multiple
         model, dtype = setup.model, self.dtype
+        image_size, interpolation = config.model.image.image_size, config.data.interpolation
 
-        def enc_img(params, images):
+        def enc_img(params, pixels):
+            images = resize.model_images(pixels, image_size, interpolation)
             z = model.apply({"params": params}, images.astype(dtype), method=CLIP.encode_image)
             return z.astype(jnp.float32)
 
         def enc_txt(params, ids):
             return model.apply({"params": params}, ids, method=CLIP.encode_text).astype(jnp.float32)
 
-        def zs_step(params, images, labels, mask, zcls):
-            return zeroshot_lib.zeroshot_ranks(enc_img(params, images), zcls, labels), labels, mask
+        def zs_step(params, pixels, labels, mask, zcls):
+            return zeroshot_lib.zeroshot_ranks(enc_img(params, pixels), zcls, labels), labels, mask
 
-        def ret_step(params, images, text, mask, text_mask):
+        def ret_step(params, pixels, text, mask, text_mask):
             b, k, length = text.shape
             ztxt = enc_txt(params, text.reshape(b * k, length))
-            return enc_img(params, images), ztxt.reshape(b, k, -1), mask, text_mask
+            return enc_img(params, pixels), ztxt.reshape(b, k, -1), mask, text_mask
 
         self._enc_txt, self._zs_step, self._ret_step = jax.jit(enc_txt), jax.jit(zs_step), jax.jit(ret_step)
 
@@ -202,7 +209,7 @@ class Evaluator:
         zcls = _replicated_put(zcls, sharding.replicated(self.mesh))
         ranks, oks = [], []
         for batch in self._batches(e, prep["data_cfg"], self._round(e.batch_size), max_captions=1):
-            r, labels, mask = (_host(x) for x in self._zs_step(params, batch["image"], batch["label"],
+            r, labels, mask = (_host(x) for x in self._zs_step(params, _pixels(batch), batch["label"],
                                                                    batch["mask"], zcls))
             ranks.append(r)
             oks.append(np.asarray(zeroshot_lib.valid_labels(labels, len(names), mask)))
@@ -217,7 +224,7 @@ class Evaluator:
         prep = self._prepare(name, e)
         zi, zt, masks, tmasks = [], [], [], []
         for batch in self._batches(e, prep["data_cfg"], self._round(e.batch_size), max_captions=e.max_captions):
-            a, b, m, tm = (_host(x) for x in self._ret_step(params, batch["image"], batch["text"], batch["mask"],
+            a, b, m, tm = (_host(x) for x in self._ret_step(params, _pixels(batch), batch["text"], batch["mask"],
                                                              batch["text_mask"]))
             zi.append(a), zt.append(b), masks.append(m), tmasks.append(tm)
         zimg, ztxt = np.concatenate(zi), np.concatenate(zt)
