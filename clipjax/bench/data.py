@@ -9,7 +9,9 @@ then times on the same files in one run:
   ``clipjax/data/resize.py``) with 0 workers (one core), and without JPEG draft mode,
 * the same with N grain worker processes.
 
-Rows are measured in interleaved rounds and each reports its best round.
+Rows are measured in interleaved rounds and each reports its best round. Single-core
+rows also report CPU time per image (``time.process_time``), the per-core comparison
+that load from other jobs on a shared machine does not distort.
 """
 
 from __future__ import annotations
@@ -57,18 +59,20 @@ def write_shards(folder: str, num_images: int, width: int = 500, height: int = 3
     return jpegs
 
 
-def time_raw_decode(jpegs: list[bytes], passes: int) -> float:
-    """Images/s of a full-size Pillow decode to RGB."""
-    t = time.perf_counter()
+def time_raw_decode(jpegs: list[bytes], passes: int) -> tuple[float, float]:
+    """(images/s, CPU ms an image) of a full-size Pillow decode to RGB."""
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(passes):
         for data in jpegs:
             Image.open(io.BytesIO(data)).convert("RGB")
-    return passes * len(jpegs) / (time.perf_counter() - t)
+    n = passes * len(jpegs)
+    return n / (time.perf_counter() - t), 1e3 * (time.process_time() - c) / n
 
 
 def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, batch: int, num_images: int,
-                  tokenizer: str, passes: int) -> float:
-    """Images/s of the train pipeline over ``passes`` epochs, after one warm-up batch."""
+                  tokenizer: str, passes: int) -> tuple[float, float]:
+    """(images/s, CPU ms an image of this process) of the train pipeline over ``passes``
+    epochs, after one warm-up batch. With 0 workers the CPU time is all the work."""
     from clipjax.data import config, pipeline
 
     cfg = config.data_config()
@@ -79,14 +83,14 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
     try:
         next(it)  # worker start-up is not throughput
         n = max(1, passes * num_images // batch)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             b = next(it)
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         assert b["image"].shape[0] == batch
     finally:
         it.close()
-    return n * batch / dt
+    return n * batch / dt, 1e3 * dc / (n * batch)
 
 
 def main(argv: list[str]) -> int:
@@ -114,14 +118,18 @@ def main(argv: list[str]) -> int:
                       passes=a.passes)
         cases = [("pillow full decode (convert RGB)", 0, None), ("pipeline, draft decode", 0, True),
                  ("pipeline, full decode", 0, False), ("pipeline, draft decode", a.workers, True)]
-        best = [0.0] * len(cases)
+        best_ips, best_cpu = [0.0] * len(cases), [float("inf")] * len(cases)
         for _ in range(a.rounds):  # interleaved, so drifting machine load hits every row alike
             for i, (_, workers, draft) in enumerate(cases):
-                ips = (time_raw_decode(jpegs, a.passes) if draft is None
-                       else time_pipeline(folder, workers=workers, draft=draft, **common))
-                best[i] = max(best[i], ips)
-        rows = [{"case": name, "workers": workers, "images_per_s": ips, "vs_raw": ips / best[0]}
-                for (name, workers, _), ips in zip(cases, best)]
+                ips, cpu = (time_raw_decode(jpegs, a.passes) if draft is None
+                            else time_pipeline(folder, workers=workers, draft=draft, **common))
+                best_ips[i], best_cpu[i] = max(best_ips[i], ips), min(best_cpu[i], cpu)
+        rows = []
+        for (name, workers, _), ips, cpu in zip(cases, best_ips, best_cpu):
+            row = {"case": name, "workers": workers, "images_per_s": ips, "vs_raw": ips / best_ips[0]}
+            if workers == 0:  # one core does everything: compare CPU time, which other jobs do not inflate
+                row.update(cpu_ms_per_image=cpu, per_core_vs_raw=best_cpu[0] / cpu)
+            rows.append(row)
         for r in rows:
             r.update(jpeg_kb=round(float(kb), 1), size=f"{a.width}x{a.height}q{a.quality}->{a.image_size}")
         rows[-1]["vs_0_workers"] = rows[-1]["images_per_s"] / rows[1]["images_per_s"]

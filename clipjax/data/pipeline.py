@@ -40,13 +40,13 @@ log = logging.getLogger("clipjax.data")
 # Up to this many records an epoch's permutation is a cached array: grain's index_shuffle
 # cycle-walks, so on small sets it costs ~0.1 ms an index (3.5 us from ~1e5 records on).
 _MAX_CACHED_PERMUTATION = 2**20
-_STREAM_END = 2**62
+_STREAM_END = 2**62  # "endless": positions are plain ints, far beyond any run
 # A grain element carries this many consecutive stream positions: one queue message and
 # one state read per task instead of per example (both cost about as much as the copy).
 _ROWS_PER_TASK = 16
 # Arrays below this travel pickled; grain would otherwise make a shared-memory segment for
 # every array, which costs more than copying a few KiB.
-_DATASET_OPTIONS = grain.experimental.DatasetOptions(min_shm_size=1 << 16)  # "endless": positions are plain ints, far beyond any run
+_DATASET_OPTIONS = grain.experimental.DatasetOptions(min_shm_size=1 << 16)
 _SYNC_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # one core per worker, no reordering
 
 
