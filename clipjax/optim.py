@@ -21,7 +21,8 @@ def make_schedule(o, total_steps: int) -> optax.Schedule:
         decay_steps = max(total_steps - warmup, 1)
         after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(o.min_lr_ratio))
     elif o.schedule == "rsqrt":
-        after = lambda step: lr * jnp.sqrt(max(warmup, 1) / (step + max(warmup, 1)))
+        # join_schedules also evaluates this before the boundary (negative steps): clamp them.
+        after = lambda step: lr * jnp.sqrt(max(warmup, 1) / (jnp.maximum(step, 0) + max(warmup, 1)))
     elif o.schedule == "constant":
         after = optax.constant_schedule(lr)
     else:

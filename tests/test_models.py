@@ -39,10 +39,13 @@ def tiny(**overrides):
 
 
 @pytest.mark.parametrize("size,expected", [
+    ("S/32", 63_085_825),  # OpenCLIP ViT-S-32 (63.09 M in its model profile)
+    ("S/16", 62_257_537),  # OpenCLIP ViT-S-16 (62.26 M)
     ("B/32", 151_277_313),  # OpenCLIP ViT-B-32
     ("B/16", 149_620_737),  # OpenCLIP ViT-B-16
     ("L/14", 427_616_513),  # OpenCLIP ViT-L-14
     ("H/14", 986_109_441),  # OpenCLIP ViT-H-14
+    ("g/14", 1_366_678_273),  # OpenCLIP ViT-g-14 (image 1012.65 M + text 354.03 M)
 ])
 def test_parameter_counts_match_openclip(size, expected):
     m = model_cfg(size)

@@ -109,6 +109,19 @@ def test_incompatible_checkpoint_fails_at_start(data_dir, tmp_path):
         train(smoke(data_dir, "--config.train.steps=4", "--config.model.embed_dim=48"), str(tmp_path))
 
 
+def test_init_from_starts_from_another_runs_params(data_dir, tmp_path):
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    trained = train(smoke(data_dir, "--config.train.steps=2", "--config.checkpoint.every=2"), src)
+    # A vanishing lr (decay is scaled by it too): the fine-tuning run ends where it started.
+    tuned = train(smoke(data_dir, "--config.train.steps=1", "--config.optim.lr=1e-30", "--config.optim.warmup_steps=0",
+                        f"--config.checkpoint.init_from={src}"), dst)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-20),
+                 jax.device_get(tuned.params), jax.device_get(trained.params))
+    with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="init_from"):
+        train(smoke(data_dir, "--config.train.steps=1", "--config.model.embed_dim=48",
+                    f"--config.checkpoint.init_from={src}"), str(tmp_path / "other"))
+
+
 # ---------------------------------------------------------------- subprocess runs
 
 
