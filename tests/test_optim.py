@@ -14,6 +14,7 @@ from flax import linen as nn
 from clipjax import optim
 from clipjax.config import base_config, validate
 from clipjax.models import build_model, dummy_inputs
+from test_train_step import tiny_config
 
 
 def _tiny(**optim_overrides):
@@ -31,14 +32,8 @@ def _params():
 
 
 def _config(**optim_overrides):
-    c = base_config()
-    c.model.size = "tiny"
-    c.model.dtype = "float32"
-    c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
-    c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64, vocab_size=259, context_length=8)
-    c.model.embed_dim = 16
-    c.train.batch_size, c.mesh.data = 8, 1
-    c.optim.update(warmup_steps=0, schedule="constant", clip_norm=0.0, **optim_overrides)
+    overrides = {"optim.warmup_steps": 0, "optim.schedule": "constant", "optim.clip_norm": 0.0, "mesh.data": 1}
+    c = tiny_config(batch=8, **overrides, **{f"optim.{k}": v for k, v in optim_overrides.items()})
     validate(c, 1)
     return c
 
