@@ -74,7 +74,7 @@ def check_compatible(saved_json: str, current_json: str) -> None:
         _flatten(key, _get(current, key), b)
         for k in sorted(set(a) & set(b)):  # a field newer than the checkpoint is not a conflict
             if a[k] != b[k]:
-                diffs.append(f"{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}")
+                diffs.append(f"{k}: checkpoint {a[k]!r} vs config {b[k]!r}")
     if diffs:
         raise IncompatibleCheckpoint("the checkpoint was written by an incompatible config: " + "; ".join(diffs))
 

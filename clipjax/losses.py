@@ -32,7 +32,6 @@ D embedding, c column tile, r rows of a tile.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import jax
@@ -195,10 +194,20 @@ def _merge_cols(kind: str, col_B: Stats, idx, b: int, axes) -> Stats:
     return out
 
 
-def _allgather_body(kind, axes, batch, x_bD, y_bD, scale, bias):
+def _local_rows(axes, x_bD) -> tuple[int, jax.Array, jax.Array]:
+    """(b, this device's index along the batch axes, global ids of its rows)."""
     b = x_bD.shape[0]
     idx = jax.lax.axis_index(axes)
-    row_ids = idx * b + jnp.arange(b)
+    return b, idx, idx * b + jnp.arange(b)
+
+
+def _zero_grads(x_bD) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Accumulators for (dx, dscale, dbias)."""
+    return jnp.zeros(x_bD.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+
+
+def _allgather_body(kind, axes, batch, x_bD, y_bD, scale, bias):
+    b, idx, row_ids = _local_rows(axes, x_bD)
     y_BD = jax.lax.all_gather(y_bD, axes, tiled=True)
     row, col_B = _tile_fwd(kind, x_bD, y_BD, row_ids, jnp.arange(batch), scale, bias,
                            _init_stats(b, kind, True), _init_stats(batch, kind, False))
@@ -231,9 +240,7 @@ def _loss_weight(kind: str, batch: int, g):
 
 
 def _chunked_fwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias):
-    b = x_bD.shape[0]
-    idx = jax.lax.axis_index(axes)
-    row_ids = idx * b + jnp.arange(b)
+    b, idx, row_ids = _local_rows(axes, x_bD)
     y_BD = jax.lax.all_gather(y_bD, axes, tiled=True)
     row, col_B = _sweep(_fwd_tile_fn(kind, x_bD, row_ids, scale, bias), _init_stats(b, kind, True), (y_BD,),
                         _init_stats(batch, kind, False), 0, c)
@@ -243,14 +250,12 @@ def _chunked_fwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias):
 
 
 def _chunked_bwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias, res, g):
-    b = x_bD.shape[0]
-    idx = jax.lax.axis_index(axes)
-    row_ids = idx * b + jnp.arange(b)
+    _, _, row_ids = _local_rows(axes, x_bD)
     y_BD = jax.lax.all_gather(y_bD, axes, tiled=True)
     lse_cB = jax.lax.all_gather(res["lse_c"], axes, tiled=True)
     tile_fn = _bwd_tile_fn(kind, x_bD, row_ids, scale, bias, res["lse_r"], _loss_weight(kind, batch, g))
-    zeros = (jnp.zeros(x_bD.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (dx, ds, db), dy_BD = _sweep(tile_fn, zeros, (y_BD, lse_cB), jnp.zeros(y_BD.shape, jnp.float32), 0, c)
+    (dx, ds, db), dy_BD = _sweep(tile_fn, _zero_grads(x_bD), (y_BD, lse_cB), jnp.zeros(y_BD.shape, jnp.float32), 0,
+                                 c)
     dy = jax.lax.psum_scatter(dy_BD, axes, tiled=True)
     ds, db = jax.lax.psum((ds, db), axes)
     return dx.astype(x_bD.dtype), dy.astype(y_bD.dtype), ds, db
@@ -282,11 +287,8 @@ def _ring_loop(n: int, axes, idx, b: int, c: int, tile_fn, row_carry, k_blocks: 
 
 
 def _ring_fwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias):
-    b = x_bD.shape[0]
-    n = batch // b
-    idx = jax.lax.axis_index(axes)
-    row_ids = idx * b + jnp.arange(b)
-    row, col = _ring_loop(n, axes, idx, b, c, _fwd_tile_fn(kind, x_bD, row_ids, scale, bias),
+    b, idx, row_ids = _local_rows(axes, x_bD)
+    row, col = _ring_loop(batch // b, axes, idx, b, c, _fwd_tile_fn(kind, x_bD, row_ids, scale, bias),
                           _init_stats(b, kind, True), (y_bD,), _init_stats(b, kind, False))
     partial, out = _finish(kind, row, col, batch)
     loss, metrics = _metrics(partial, out, x_bD, y_bD, batch, axes)
@@ -294,13 +296,9 @@ def _ring_fwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias):
 
 
 def _ring_bwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias, res, g):
-    b = x_bD.shape[0]
-    n = batch // b
-    idx = jax.lax.axis_index(axes)
-    row_ids = idx * b + jnp.arange(b)
+    b, idx, row_ids = _local_rows(axes, x_bD)
     tile_fn = _bwd_tile_fn(kind, x_bD, row_ids, scale, bias, res["lse_r"], _loss_weight(kind, batch, g))
-    zeros = (jnp.zeros(x_bD.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (dx, ds, db), dy = _ring_loop(n, axes, idx, b, c, tile_fn, zeros, (y_bD, res["lse_c"]),
+    (dx, ds, db), dy = _ring_loop(batch // b, axes, idx, b, c, tile_fn, _zero_grads(x_bD), (y_bD, res["lse_c"]),
                                   jnp.zeros(y_bD.shape, jnp.float32))
     ds, db = jax.lax.psum((ds, db), axes)
     return dx.astype(x_bD.dtype), dy.astype(y_bD.dtype), ds, db
@@ -356,11 +354,6 @@ def default_chunk_size(rows: int, cols: int) -> int:
     return max(d for d in range(1, min(cols, limit) + 1) if cols % d == 0)
 
 
-def batch_axes_of(mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes the batch is sharded over (those of sharding.BATCH_AXES present)."""
-    return tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
-
-
 def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind: str, impl: str,
                      mesh: Mesh | None = None, chunk_size: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Contrastive loss over the global batch and its metrics.
@@ -397,8 +390,7 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind
     else:
         if mesh is None:
             raise ValueError(f"contrastive_loss: impl={impl!r} needs the mesh")
-        axes = batch_axes_of(mesh)
-        n = math.prod(mesh.shape[a] for a in axes)
+        axes, n = sharding.batch_axes(mesh), sharding.batch_size_divisor(mesh)
         if batch % n:
             raise ValueError(f"contrastive_loss: global batch {batch} is not divisible by the {n} batch shards "
                              f"of mesh axes {axes}")

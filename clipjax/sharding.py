@@ -118,9 +118,14 @@ def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> M
                      devices=devices)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The axes of BATCH_AXES that ``mesh`` has (a hand-made mesh may lack some)."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_size_divisor(mesh: Mesh) -> int:
     """Number of shards the global batch is split into."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -13,14 +13,13 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
-from flax import linen as nn
 
 from clipjax import checkpoint as ckpt_lib
 from clipjax import config as config_lib
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
 from clipjax import sharding
-from clipjax.train_step import Setup, TrainState, compile_train_step, init_state, make_setup
+from clipjax.train_step import TrainState, compile_train_step, init_state, make_setup
 
 log = logging.getLogger("clipjax")
 

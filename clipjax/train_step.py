@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax
@@ -154,7 +153,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
                                        chunk_size=lc.chunk_size)
 
     params = state.params
-    pixels = {key: batch[key] for key in resize.IMAGE_KEYS}
+    pixels = resize.image_fields(batch)
     if k == 1:
         def full_loss(p):
             zimg, ztxt = embed(p, pixels, batch["text"])

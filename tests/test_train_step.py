@@ -1,7 +1,6 @@
 """The jitted train step: exact gradient accumulation, mesh invariance, NaN skipping."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -16,7 +16,8 @@ the large activations are the same sizes.
 from __future__ import annotations
 
 import argparse
-import os
+
+from clipjax.bench import simulated_cpu_devices
 
 
 def _parse(argv):
@@ -82,18 +83,12 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    devices = simulated_cpu_devices(args.devices)
 
     from clipjax import mfu as mfu_lib
     from clipjax.bench.table import emit
     from clipjax.config import load_config
 
-    devices = jax.devices()[: args.devices]
-    if len(devices) < args.devices:
-        raise SystemExit(f"only {len(devices)} devices available; jax was imported before XLA_FLAGS was set?")
     peak = args.peak if args.peak is not None else mfu_lib.peak_for_kind(args.accelerator)
     rows = []
     for mesh_spec in args.mesh or [None]:

@@ -13,8 +13,9 @@ up to ``--time_max_batch`` are also run and timed (median of ``--repeats``).
 from __future__ import annotations
 
 import argparse
-import os
 import time
+
+from clipjax.bench import simulated_cpu_devices
 
 
 def _csv(kind):
@@ -43,11 +44,9 @@ def measure(batch: int, dim: int, kind: str, impl: str, dtype, mesh, chunk_size,
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     from clipjax import losses, sharding
 
-    sh = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    sh = sharding.batch_sharding(mesh, 2)
     bias = jnp.float32(-10.0) if kind == "sigmoid" else None
 
     def loss(x, y, scale):
@@ -79,18 +78,13 @@ def measure(batch: int, dim: int, kind: str, impl: str, dtype, mesh, chunk_size,
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    devices = simulated_cpu_devices(args.devices)
     import jax.numpy as jnp
 
     from clipjax import sharding
     from clipjax.bench.table import emit
 
-    if jax.device_count() < args.devices:
-        raise SystemExit(f"only {jax.device_count()} devices; was jax imported before XLA_FLAGS was set?")
-    mesh = sharding.make_mesh({"data": args.devices, "fsdp": 1, "tensor": 1}, devices=jax.devices()[: args.devices])
+    mesh = sharding.make_mesh({"data": args.devices, "fsdp": 1, "tensor": 1}, devices=devices)
     rows = []
     for batch in args.batch:
         run = batch <= args.time_max_batch

@@ -107,6 +107,11 @@ def normalise(pixels: jax.Array) -> jax.Array:
     return (pixels / 255.0 - mean) / std
 
 
+def image_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The ``IMAGE_KEYS`` part of a batch."""
+    return {key: batch[key] for key in IMAGE_KEYS}
+
+
 def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic") -> jax.Array:
     """The model's float32 ``[B, size, size, 3]`` input from a batch's ``IMAGE_KEYS`` fields."""
     pixels = crop_resize(batch["image"], batch["image_box"], batch["image_hw"], size, interpolation)

@@ -41,10 +41,6 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _pixels(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    return {key: batch[key] for key in resize.IMAGE_KEYS}
-
-
 def _replicated_put(x: np.ndarray, sh) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
@@ -209,8 +205,8 @@ class Evaluator:
         zcls = _replicated_put(zcls, sharding.replicated(self.mesh))
         ranks, oks = [], []
         for batch in self._batches(e, prep["data_cfg"], self._round(e.batch_size), max_captions=1):
-            r, labels, mask = (_host(x) for x in self._zs_step(params, _pixels(batch), batch["label"],
-                                                                   batch["mask"], zcls))
+            pixels = resize.image_fields(batch)
+            r, labels, mask = (_host(x) for x in self._zs_step(params, pixels, batch["label"], batch["mask"], zcls))
             ranks.append(r)
             oks.append(np.asarray(zeroshot_lib.valid_labels(labels, len(names), mask)))
         ranks_n, ok_n = np.concatenate(ranks), np.concatenate(oks)
@@ -224,8 +220,9 @@ class Evaluator:
         prep = self._prepare(name, e)
         zi, zt, masks, tmasks = [], [], [], []
         for batch in self._batches(e, prep["data_cfg"], self._round(e.batch_size), max_captions=e.max_captions):
-            a, b, m, tm = (_host(x) for x in self._ret_step(params, _pixels(batch), batch["text"], batch["mask"],
-                                                             batch["text_mask"]))
+            pixels = resize.image_fields(batch)
+            a, b, m, tm = (_host(x) for x in self._ret_step(params, pixels, batch["text"], batch["mask"],
+                                                            batch["text_mask"]))
             zi.append(a), zt.append(b), masks.append(m), tmasks.append(tm)
         zimg, ztxt = np.concatenate(zi), np.concatenate(zt)
         mask, tmask = np.concatenate(masks).astype(bool), np.concatenate(tmasks).astype(bool)
