@@ -25,6 +25,8 @@ log = logging.getLogger("clipjax")
 # compatible with a config that agrees on all of them.
 SHAPE_KEYS = ("model.size", "model.embed_dim", "model.image", "model.text", "model.init_logit_bias", "model.scan",
               "loss.kind", "optim.lock_image", "optim.lock_text", "optim.clip_norm")
+# Fields inside SHAPE_KEYS that change no shape (FLIP's mask ratio may change between runs).
+SHAPE_FREE_KEYS = ("model.image.mask_ratio",)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -73,7 +75,7 @@ def check_compatible(saved_json: str, current_json: str) -> None:
         _flatten(key, _get(saved, key), a)
         _flatten(key, _get(current, key), b)
         for k in sorted(set(a) & set(b)):  # a field newer than the checkpoint is not a conflict
-            if a[k] != b[k]:
+            if a[k] != b[k] and k not in SHAPE_FREE_KEYS:
                 diffs.append(f"{k}: checkpoint {a[k]!r} vs config {b[k]!r}")
     if diffs:
         raise IncompatibleCheckpoint("the checkpoint was written by an incompatible config: " + "; ".join(diffs))
@@ -181,18 +183,50 @@ def _state_dir(path: str) -> str:
     raise FileNotFoundError(f"checkpoint.init_from={path!r}: no complete checkpoint found there")
 
 
+def _saved_pos_shapes(state_dir: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the towers' position tables in a saved state (empty when unreadable)."""
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+        return {tower: tuple(tree["params"][tower]["pos_embedding"].shape) for tower in ("image", "text")
+                if "pos_embedding" in tree.get("params", {}).get(tower, {})}
+    except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError):
+        return {}
+
+
 def load_params(path: str, abstract_params: Any) -> Any:
-    """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings."""
+    """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings.
+
+    Position tables saved at another image size or context length are resampled
+    to this model's (``models.posemb``): fine-tuning at 336 px from a 224 px run.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clipjax.models.posemb import resize_params
+
     state_dir = _state_dir(path)
+    target = jax.tree.map(lambda a: a, abstract_params)
+    other = {tower: shape for tower, shape in _saved_pos_shapes(state_dir).items()
+             if tower in abstract_params and shape != abstract_params[tower]["pos_embedding"].shape}
+    for tower, shape in other.items():  # restored whole on every device, then resampled and resharded
+        want = abstract_params[tower]["pos_embedding"]
+        target[tower]["pos_embedding"] = jax.ShapeDtypeStruct(
+            shape, want.dtype, sharding=NamedSharding(want.sharding.mesh, PartitionSpec()))
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                               dtype=a.dtype), abstract_params)
+                                                               dtype=a.dtype), target)
     try:
         restored = ocp.PyTreeCheckpointer().restore(
-            state_dir, args=ocp.args.PyTreeRestore(item={"params": abstract_params},
+            state_dir, args=ocp.args.PyTreeRestore(item={"params": target},
                                                    restore_args={"params": restore_args}, partial_restore=True))
     except (ValueError, KeyError, TypeError) as e:
         raise IncompatibleCheckpoint(f"checkpoint.init_from={path!r}: params do not match this model: {e}") from e
-    return restored["params"]
+    params = restored["params"]
+    if other:
+        params = resize_params(params, abstract_params)
+        for tower in other:
+            params[tower]["pos_embedding"] = jax.device_put(params[tower]["pos_embedding"],
+                                                            abstract_params[tower]["pos_embedding"].sharding)
+        log.info("init_from: position tables of %s resampled to this model's size", ", ".join(sorted(other)))
+    return params
 
 
 class PreemptionWatcher:

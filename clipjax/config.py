@@ -69,6 +69,7 @@ def _model_config() -> ml_collections.ConfigDict:
             "pool": "tok",  # tok (class token) | gap (global average) | map (attention pooling)
             "class_token": True,
             "ln_pre": True,  # OpenAI CLIP normalises tokens before the first block
+            "mask_ratio": 0.0,  # FLIP: fraction of patches dropped per example in training (0.5, 0.75); eval sees all
         },
         "text": {
             "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
@@ -126,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
         "log_every": 50,
         "max_consecutive_skips": 10,  # non-finite steps in a row before the run stops
         "report": True,  # PNG report of the curves at the end
+        # CLIPA: ((steps, image_size, context_length), ...) run first; the rest at the model's size.
+        "stages": (),
+        "unmasked_steps": 0,  # FLIP: the last N steps run with mask_ratio 0
     })
     c.checkpoint = ml_collections.ConfigDict({
         "every": 1000,
@@ -218,6 +222,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                 raise ValueError(f"train.{key}={t[key]} must be positive")
         if t.batch_size % t.grad_accum:
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        from clipjax.stages import validate_stages
+
+        validate_stages(c)
         if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
             raise ValueError("checkpoint.every and checkpoint.keep must be positive")
 

@@ -18,7 +18,7 @@ from clipjax import checkpoint as ckpt_lib
 from clipjax import config as config_lib
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
-from clipjax import sharding
+from clipjax import sharding, stages
 from clipjax.train_step import TrainState, compile_train_step, init_state, make_setup
 
 log = logging.getLogger("clipjax")
@@ -48,6 +48,14 @@ def _data_args(data_iter, restore: bool):
     return fn()
 
 
+def _switch_data(old, new):
+    """``new`` continues ``old``'s stream at the next unread example (a stage changed the sizes)."""
+    new.set_state(old.get_state())
+    if hasattr(old, "close"):
+        old.close()
+    return new
+
+
 def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -67,9 +75,11 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     checkpointer = ckpt_lib.Checkpointer(
         workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save, config_json=config.to_json())
-    data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
-
+    make_data = data_iterator_fn or _default_data_iterator
     latest = checkpointer.latest_step()
+    # The pipeline ships the current phase's image size and text length (train.stages).
+    phase = stages.phase_at(config, latest or 0)
+    data_iter = make_data(stages.data_config(config, phase), mesh)
     if latest is not None:
         data_states = checkpointer.data_states(latest)
         if not data_states or len(data_states) == jax.process_count():
@@ -87,8 +97,15 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
-    compiled = compile_train_step(setup)
-    flops = mfu_lib.compiled_flops(compiled)
+    compiled_steps: dict[stages.Phase, tuple[Any, Any]] = {}  # phase -> (executable, flops per device)
+
+    def compiled_for(phase: stages.Phase):
+        if phase not in compiled_steps:
+            executable = compile_train_step(setup, phase)
+            compiled_steps[phase] = (executable, mfu_lib.compiled_flops(executable))
+        return compiled_steps[phase]
+
+    compiled, flops = compiled_for(phase)
     peak, peak_source = mfu_lib.peak_flops_per_device()
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
@@ -109,6 +126,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     def handle(step: int, metrics: dict, force_log: bool = False) -> None:
         nonlocal window_start, window_steps
+        flops = compiled_for(stages.phase_at(config, step - 1))[1]
         host = _to_host(metrics)
         if host["train/consecutive_skips"] >= config.train.max_consecutive_skips:
             checkpointer.wait()
@@ -134,6 +152,14 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     step = start
     for step in range(start, total):
+        new_phase = stages.phase_at(config, step)
+        if new_phase != phase:
+            if (new_phase.image_size, new_phase.context_length) != (phase.image_size, phase.context_length):
+                data_iter = _switch_data(data_iter, make_data(stages.data_config(config, new_phase), mesh))
+            phase = new_phase
+            compiled, _ = compiled_for(phase)
+            log.info("step %d: image size %d, context length %d, mask ratio %g", step, phase.image_size,
+                     phase.context_length, phase.mask_ratio)
         batch = next(data_iter)
         num_skipped = batch.pop("num_skipped", None) if isinstance(batch, dict) else None
         state, metrics = compiled(state, batch)

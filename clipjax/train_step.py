@@ -27,9 +27,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import losses, optim, sharding
 from clipjax.data import resize, transforms
-from clipjax.models import CLIP, build_model, dummy_inputs
+from clipjax.models import CLIP, build_model, dummy_inputs, num_kept, random_keep
+from clipjax.stages import Phase, final_phase
 
 SCALE_KEYS = ("logit_scale", "logit_bias")
+_MASK_STREAM = 1  # fold_in tag of the patch masks within a step's randomness
 
 
 @flax.struct.dataclass
@@ -60,11 +62,12 @@ class Setup:
                 for key, (shape, _) in batch_spec(self.config).items()}
 
 
-def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-example shape and dtype of each train batch field (what the input pipeline yields)."""
-    p = transforms.ImageOptions.from_config(config.data, config.model.image.image_size).buffer_size
+def batch_spec(config, phase: Phase | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-example shape and dtype of each train batch field (what the input pipeline yields in ``phase``)."""
+    phase = phase or final_phase(config)
+    p = transforms.ImageOptions.from_config(config.data, phase.image_size).buffer_size
     return {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
-            "text": ((config.model.text.context_length,), jnp.int32)}
+            "text": ((phase.context_length,), jnp.int32)}
 
 
 def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
@@ -124,23 +127,40 @@ def _merge_micro(x_KM: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(sharding.BATCH_AXES))
 
 
-def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch (fields: ``batch_spec``; images as in ``resize.py``)."""
+def mask_rng(state: TrainState) -> jax.Array:
+    """The key of this step's patch masks: ``fold_in(rng, step)``, so a resumed run draws the same masks."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.random.fold_in(step_key, _MASK_STREAM)
+
+
+def patch_keep(config, phase: Phase, batch_size: int, rng: jax.Array) -> jax.Array | None:
+    """int32 ``[B, K]`` kept patches per example in ``phase`` (None: no masking), sharded over the batch."""
+    if not phase.mask_ratio:
+        return None
+    patches = (phase.image_size // config.model.image.patch_size) ** 2
+    keep_BK = random_keep(rng, batch_size, patches, num_kept(patches, phase.mask_ratio))
+    return jax.lax.with_sharding_constraint(keep_BK, P(sharding.BATCH_AXES))
+
+
+def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_BK: jax.Array | None,
+                   phase: Phase | None = None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """``(loss, loss metrics, grads)`` of a global batch; ``keep_BK``: FLIP's kept patches or None."""
     config, model = setup.config, setup.model
+    phase = phase or final_phase(config)
     k = config.train.grad_accum
     lc = config.loss
     dtype = jnp.dtype(config.model.dtype)
-    image_size, interpolation = config.model.image.image_size, config.data.interpolation
+    interpolation = config.data.interpolation
 
-    def embed(params, pixels, ids):
+    def embed(params, pixels, ids, keep):
         # A locked tower (LiT) gets no gradient at all: cheaper, and it stays out of clipping.
         params = dict(params)
         for tower, locked in (("image", config.optim.lock_image), ("text", config.optim.lock_text)):
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
-        images = resize.model_images(pixels, image_size, interpolation)
-        zimg = model.apply(v, images.astype(dtype), method=CLIP.encode_image)
+        images = resize.model_images(pixels, phase.image_size, interpolation)
+        zimg = model.apply(v, images.astype(dtype), keep, method=CLIP.encode_image)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
         return zimg, ztxt
 
@@ -152,30 +172,46 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
         return losses.contrastive_loss(zimg, ztxt, scale, bias, kind=lc.kind, impl=lc.impl, mesh=setup.mesh,
                                        chunk_size=lc.chunk_size)
 
-    params = state.params
     pixels = resize.image_fields(batch)
     if k == 1:
         def full_loss(p):
-            zimg, ztxt = embed(p, pixels, batch["text"])
+            zimg, ztxt = embed(p, pixels, batch["text"], keep_BK)
             return loss_from_embeddings(zimg, ztxt, p)
 
         (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-    else:
-        pixels_K = jax.tree.map(lambda x: _split_micro(x, k), pixels)
-        ids_K = _split_micro(batch["text"], k)
-        zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (pixels_K, ids_K))
-        zimg, ztxt = _merge_micro(zimg_K), _merge_micro(ztxt_K)
-        (loss, metrics), (g_zimg, g_ztxt, grads_sb) = jax.value_and_grad(
-            loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
-        g_zimg_K, g_ztxt_K = _split_micro(g_zimg, k), _split_micro(g_ztxt, k)
+        return loss, metrics, grads
+    # Each micro-batch keeps its own rows' masks in both passes, so the two embeddings agree.
+    pixels_K = jax.tree.map(lambda x: _split_micro(x, k), pixels)
+    ids_K = _split_micro(batch["text"], k)
+    keep_K = None if keep_BK is None else _split_micro(keep_BK, k)
+    zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (pixels_K, ids_K, keep_K))
+    zimg, ztxt = _merge_micro(zimg_K), _merge_micro(ztxt_K)
+    (loss, metrics), (g_zimg, g_ztxt, grads_sb) = jax.value_and_grad(
+        loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
+    g_zimg_K, g_ztxt_K = _split_micro(g_zimg, k), _split_micro(g_ztxt, k)
 
-        def accumulate(grads, xs):
-            pixels, ids, gi, gt = xs
-            _, vjp = jax.vjp(lambda p: embed(p, pixels, ids), params)
-            (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype)))
-            return jax.tree.map(jnp.add, grads, g), None
+    def accumulate(grads, xs):
+        pixels, ids, keep, gi, gt = xs
+        _, vjp = jax.vjp(lambda p: embed(p, pixels, ids, keep), params)
+        (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype)))
+        return jax.tree.map(jnp.add, grads, g), None
 
-        grads, _ = jax.lax.scan(accumulate, grads_sb, (pixels_K, ids_K, g_zimg_K, g_ztxt_K))
+    grads, _ = jax.lax.scan(accumulate, grads_sb, (pixels_K, ids_K, keep_K, g_zimg_K, g_ztxt_K))
+    return loss, metrics, grads
+
+
+def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
+               phase: Phase | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch (fields: ``batch_spec``; images as in ``resize.py``).
+
+    ``phase`` (default: the model's sizes and ``model.image.mask_ratio``) sets the
+    image size, text length and mask ratio; see ``clipjax.stages``.
+    """
+    config = setup.config
+    phase = phase or final_phase(config)
+    params = state.params
+    keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(state))
+    loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase)
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -201,17 +237,21 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
     return new_state, out
 
 
-def compile_train_step(setup: Setup):
-    """The jitted step with explicit shardings and the state donated; returns the lowered+compiled executable."""
+def compile_train_step(setup: Setup, phase: Phase | None = None):
+    """The jitted step with explicit shardings and the state donated; returns the lowered+compiled executable.
+
+    ``phase`` (default ``stages.final_phase``): the sizes and mask ratio it is compiled for.
+    """
     batch_sh = setup.batch_shardings()
+    phase = phase or final_phase(setup.config)
     step = jax.jit(
-        functools.partial(train_step, setup),
+        functools.partial(train_step, setup, phase=phase),
         in_shardings=(setup.state_shardings, batch_sh),
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
     b = setup.config.train.batch_size
     abstract_batch = {key: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=batch_sh[key])
-                      for key, (shape, dtype) in batch_spec(setup.config).items()}
+                      for key, (shape, dtype) in batch_spec(setup.config, phase).items()}
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         return step.lower(setup.abstract_state, abstract_batch).compile()

@@ -38,8 +38,9 @@ class CLIP(nn.Module):
         if self.init_logit_bias is not None:
             self.logit_bias = param_with_axes(self, "logit_bias", nn.initializers.constant(self.init_logit_bias), (), ())
 
-    def encode_image(self, images_BHWC: jax.Array) -> jax.Array:
-        return l2_normalize(self.image(images_BHWC))
+    def encode_image(self, images_BHWC: jax.Array, keep_BK: jax.Array | None = None) -> jax.Array:
+        """Normalised image embeddings; ``keep_BK``: FLIP's kept patches (training only)."""
+        return l2_normalize(self.image(images_BHWC, keep_BK))
 
     def encode_text(self, ids_BT: jax.Array) -> jax.Array:
         return l2_normalize(self.text(ids_BT))

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from clipjax.models.layers import LayerNorm, Mlp, MultiHeadAttention, Transformer, constrain, param_with_axes
+from clipjax.models.masking import gather_patches
+from clipjax.models.posemb import resample_image_pos
 
 Dtype = Any
 
@@ -60,7 +62,14 @@ class ImageTower(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images_BHWC: jax.Array) -> jax.Array:
+    def __call__(self, images_BHWC: jax.Array, keep_BK: jax.Array | None = None) -> jax.Array:
+        """Embeds images of any size divisible by the patch size.
+
+        At another size than ``image_size`` the position table is resampled
+        (``posemb.resample_image_pos``). ``keep_BK`` (FLIP masking, training only)
+        lists the patches each example keeps; the others are dropped after their
+        positions are added, and the class token is always kept.
+        """
         if self.pool not in IMAGE_POOLS:
             raise ValueError(f"model.image.pool={self.pool!r}; choose one of {IMAGE_POOLS}")
         if self.pool == "tok" and not self.class_token:
@@ -77,8 +86,14 @@ class ImageTower(nn.Module):
         if self.class_token:
             cls = param_with_axes(self, "class_token", nn.initializers.normal(d**-0.5), (d,), ("embed",))
             x_BPD = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x_BPD], axis=1)
-        pos = param_with_axes(self, "pos_embedding", nn.initializers.normal(d**-0.5), (x_BPD.shape[1], d), ("pos", "embed"))
-        x_BPD = constrain(x_BPD + pos.astype(self.dtype)[None], ("act_batch", "act_len", "act_embed"))
+        # The table's shape comes from image_size, so params do not depend on the input size.
+        num_rows = (self.image_size // p) ** 2 + int(self.class_token)
+        pos = param_with_axes(self, "pos_embedding", nn.initializers.normal(d**-0.5), (num_rows, d), ("pos", "embed"))
+        x_BPD = x_BPD + resample_image_pos(pos, (h // p, w // p), self.class_token).astype(self.dtype)[None]
+        if keep_BK is not None:  # positions are in place: drop patches, never the class token
+            n_cls = int(self.class_token)
+            x_BPD = jnp.concatenate([x_BPD[:, :n_cls], gather_patches(x_BPD[:, n_cls:], keep_BK)], axis=1)
+        x_BPD = constrain(x_BPD, ("act_batch", "act_len", "act_embed"))
         if self.ln_pre:
             x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_pre")(x_BPD)
         x_BPD = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
@@ -132,6 +147,7 @@ class TextTower(nn.Module):
         d = self.width
         tok = param_with_axes(self, "token_embedding", nn.initializers.normal(0.02), (self.vocab_size, d), ("vocab", "embed"))
         pos = param_with_axes(self, "pos_embedding", nn.initializers.normal(0.01), (self.context_length, d), ("pos", "embed"))
+        # A shorter text (a short-context training stage) uses the first positions.
         x_BTD = jnp.take(tok, ids_BT, axis=0).astype(self.dtype) + pos[None, :t].astype(self.dtype)
         x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
         valid_BT = ids_BT != self.pad_id
