@@ -29,10 +29,10 @@ def test_rerun_with_changed_input_or_options_refuses_or_overwrites(tmp_path, cap
     assert cli_main(args) == 0 and json.loads(capsys.readouterr().out)["shards_resumed"] == 0
     assert cli_main(args) == 0 and json.loads(capsys.readouterr().out)["shards_resumed"] == 1  # same: resumed
     _csv(tmp_path, b"filepath,title\nx.jpg,first\ny.jpg,second\n")  # the input changes
-    assert cli_main(args) == 1
+    assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "changed: inputs.sha256" in err and "--overwrite" in err and err.count("\n") == 1
-    assert cli_main(args + ["--max_side", "32"]) == 1  # so do the options
+    assert cli_main(args + ["--max_side", "32"]) == 2  # so do the options
     assert "options.max_side" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0
     s = json.loads(capsys.readouterr().out)

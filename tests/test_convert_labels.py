@@ -74,7 +74,7 @@ def test_folder_convert_cli(tmp_path, capsys):
         ("one/b.PNG", ["a photo of the number one"], 1),
         ("one/more/c.jpg", ["a photo of the number one"], 1),
         ("seven/a.jpg", ["a photo of the number seven"], 2)]
-    assert cli_main(["convert", "folder", str(root), "--out", str(tmp_path / "o2"), "--caption_template", "x"]) == 1
+    assert cli_main(["convert", "folder", str(root), "--out", str(tmp_path / "o2"), "--caption_template", "x"]) == 2
     assert "needs exactly one {}" in capsys.readouterr().err
 
 

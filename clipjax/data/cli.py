@@ -17,6 +17,7 @@ import sys
 
 from clipjax.data.captions import MAX_CHARS
 from clipjax.data.convert.options import MAX_INPUT_BYTES
+from clipjax.errors import ArgumentParser, UserError, run_cli
 
 
 def _common(p: argparse.ArgumentParser, per_shard: bool = True) -> None:
@@ -49,9 +50,9 @@ def _classes(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipjax-data", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = ArgumentParser(prog="clipjax-data", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n".join(__doc__.splitlines()[2:]))
     sub = p.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert csv / coco / folder / webdataset sources into ArrayRecord shards")
     kinds = conv.add_subparsers(dest="source", required=True)
@@ -89,15 +90,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Runs the command line; returns the exit status (2 with one line on stderr for a user error)."""
+    return run_cli("clipjax-data", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["synth"]:  # the synth command owns its own arguments
         from clipjax.data import synth
 
         return int(synth.main(argv[1:]) or 0)
     parser = _parser()
-    a, beam_args = parser.parse_known_args(argv)
-    if beam_args and not a.runner:
-        parser.error(f"unrecognized arguments: {' '.join(beam_args)} (pipeline options need --runner)")
+    if any(x == "--runner" or x.startswith("--runner=") for x in argv):
+        a, beam_args = parser.parse_known_args(argv)  # the flags clipjax does not know are Beam's
+    else:
+        a, beam_args = parser.parse_args(argv), []
 
     from clipjax.data import convert
 
@@ -120,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = convert.convert_wds(a.tars, opts, **run)
         convert.report(summary, opts.max_skip_fraction)
-    except (convert.ConvertError, FileNotFoundError, ValueError) as e:
-        print(f"clipjax-data: error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:
+        raise UserError(f"{e.filename}: no such file or folder") from e
+    except ValueError as e:  # malformed inputs
+        raise UserError(str(e)) from e
     return 0
 
 

@@ -36,7 +36,7 @@ def _join(folder: str, rel: str) -> str:
 def _read(path: str) -> bytes:
     p = epath.Path(path)
     if not p.exists():
-        raise ConvertError(f"{path} does not exist")
+        raise ConvertError(f"{path}: no such file")
     return p.read_bytes()
 
 

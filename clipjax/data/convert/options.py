@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clipjax.data.captions import MAX_CHARS
+from clipjax.errors import UserError
 
 # A member or image file above this is skipped unread (a 1 GiB text member must not
 # be held in memory); the largest image the pipeline accepts (64 MP) compresses to far less.
 MAX_INPUT_BYTES = 64 * 2**20
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
     """The conversion cannot proceed or skipped too much; the message (one line) says why and what to do."""
 
 
