@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Sequence
@@ -38,6 +39,19 @@ def _run_local(todo: list[ShardTask], opts: ConvertOptions) -> None:
             run_task(t, opts)
 
 
+def _run_beam(todo: list[ShardTask], opts: ConvertOptions, runner: str, beam_args: Sequence[str]) -> None:
+    from clipjax.data.convert import beam
+
+    metrics = beam.run_tasks(todo, opts, runner, beam_args)
+    written = ShardStats()
+    for t in todo:
+        written.add(read_stats(opts, t))
+    expected = {k: v for k, v in beam.metrics_of(written).items() if v}
+    if {k: v for k, v in metrics.items() if v} != expected:  # e.g. a runner that reports attempted counts only
+        print(f"warning: {runner} metrics {metrics} differ from the shards' statistics {expected}; "
+              "the summary uses the statistics", file=sys.stderr)
+
+
 def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerprint: dict[str, Any], *,
         classes: ClassNames | None = None, runner: str | None = None,
         beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -52,9 +66,7 @@ def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerpri
     t0 = time.time()
     todo = [t for t in tasks if not is_done(opts, t)]
     if runner:
-        from clipjax.data.convert import beam
-
-        beam.run_tasks(todo, opts, runner, beam_args)
+        _run_beam(todo, opts, runner, beam_args)
     else:
         _run_local(todo, opts)
     for stale in split_files(opts, temporary_only=True):  # from retried or duplicated Beam bundles
