@@ -84,17 +84,19 @@ def _convert_shard_fn(opts: ConvertOptions):
 
 
 def pipeline_options(runner: str, beam_args: Sequence[str]):
-    """Beam options from the command line; DirectRunner with several workers runs them as processes
-    (image decoding holds the GIL) unless ``--direct_running_mode`` says otherwise."""
+    """Beam options from the command line. DirectRunner with several workers runs them as processes
+    (image decoding holds the GIL) and its workers log warnings only, unless the options say otherwise."""
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
     args = [f"--runner={runner}", *beam_args]
-    options = PipelineOptions(args)
-    direct = options.view_as(DirectOptions)
-    if runner in ("DirectRunner", "direct") and direct.direct_num_workers != 1 \
-            and not any(a.startswith("--direct_running_mode") for a in beam_args):
-        options = PipelineOptions(args + ["--direct_running_mode=multi_processing"])
-    return options
+    if runner in ("DirectRunner", "direct"):
+        given = {a.split("=", 1)[0] for a in beam_args}
+        if PipelineOptions(args).view_as(DirectOptions).direct_num_workers != 1 \
+                and "--direct_running_mode" not in given:
+            args.append("--direct_running_mode=multi_processing")
+        if "--default_sdk_harness_log_level" not in given:
+            args.append("--default_sdk_harness_log_level=WARNING")
+    return PipelineOptions(args)
 
 
 def run_tasks(todo: Sequence[ShardTask], opts: ConvertOptions, runner: str, beam_args: Sequence[str]) -> dict[str, Any]:

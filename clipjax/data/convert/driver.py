@@ -57,7 +57,9 @@ def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerpri
         beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Writes the shards not yet done (``runner``: a Beam runner name, else this process/a pool),
     then the summary (returned). ``classes`` is written once the output folder is accepted."""
-    fingerprint = {"source": source, "options": opts.output_affecting(), **fingerprint}
+    # The kind only: the inputs' resolved paths are in `fingerprint`, so a relative path typed from
+    # another folder still resumes.
+    fingerprint = {"source": source.split(":", 1)[0], "options": opts.output_affecting(), **fingerprint}
     fingerprint_lib.prepare_output(opts, fingerprint)
     if classes is not None:
         classes.write()
