@@ -46,9 +46,9 @@ def _eval(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _setup()
-    from clipjax.evals import runner
+    from clipjax import evaluate
 
-    runner.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
+    evaluate.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
 
 
 def train_main() -> None:

@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from clipjax.atomic import atomic_path
 from clipjax.data import records
 from clipjax.data.captions import MAX_CHARS, BadCaption, clean_caption_info
 from clipjax.data.images import BadImage, prepare
@@ -134,9 +135,8 @@ def _write_shard(index: int, count: int, examples: Iterator[records.Example | No
                 writer.write(ex)
         stats_file = _stats_path(opts, name)
         os.makedirs(os.path.dirname(stats_file), exist_ok=True)
-        with open(stats_file + ".tmp", "w") as f:
+        with atomic_path(stats_file) as tmp, open(tmp, "w") as f:
             json.dump(stats.to_json(), f)
-        os.replace(stats_file + ".tmp", stats_file)
     except BaseException:
         writer.__exit__(RuntimeError, None, None)  # closes and removes the .tmp
         raise
@@ -289,9 +289,8 @@ def _run(tasks: list[tuple], fn, opts: ConvertOptions, source: str) -> dict[str,
     }
     summary["ok"] = summary["skip_fraction"] <= opts.max_skip_fraction
     path = os.path.join(opts.out_dir, f"{opts.split}-summary.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
     return summary
 
 
