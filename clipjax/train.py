@@ -19,13 +19,14 @@ from clipjax import hlo_flops
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
 from clipjax import run
+from clipjax.errors import UserError
 from clipjax.models import count_params
 from clipjax.train_step import TrainState, compile_train_step, init_state
 
 log = logging.getLogger("clipjax")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is intact."""
 
 

@@ -17,7 +17,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import hlo_flops
 from clipjax import mfu as mfu_lib
-from clipjax import report as report_lib
 from clipjax.metrics import MetricWriter
 from clipjax.progress import format_eta
 from clipjax.report import read_metrics
@@ -176,47 +175,6 @@ def test_format_eta():
     assert format_eta(90061) == "25:01:01"
     assert format_eta(-5) == "0:00:00"
     assert format_eta(None) == "?" and format_eta(float("nan")) == "?" and format_eta(float("inf")) == "?"
-
-
-# --- report -----------------------------------------------------------------------------------
-
-
-def test_report_png(tmp_path, monkeypatch):
-    figures, close = [], report_lib.plt.close
-    monkeypatch.setattr(report_lib.plt, "close", figures.append)  # keep the figure to read its panels
-    w = MetricWriter(str(tmp_path), total_steps=50, interactive=False, stream=io.StringIO())
-    for s in range(1, 51):
-        w.write(s, {"train/loss": 5.0 / s, "train/scale": 14.0 + s / 10, "train/bias": -10.0 + s / 100,
-                    "train/i2t_acc": s / 50, "train/t2i_acc": s / 60, "train/lr": 1e-3 * min(1, s / 10),
-                    "train/samples_per_sec": 1000.0 + s, "train/mfu": 0.4 if s > 1 else float("nan")})
-        if s % 10 == 0:
-            w.write(s, {"zeroshot/imagenet/top1": s / 100, "retrieval/coco/i2t_r1": s / 120})
-    w.close()
-    path = report_lib.write_report(str(tmp_path))
-    assert path == str(tmp_path / "report.png")
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", head[16:24])
-    assert width >= 800 and height >= 600
-    assert os.path.getsize(path) > 20_000
-    (fig,) = figures
-    panels = {ax.get_title(): sorted(line.get_label() for line in ax.get_lines()) for ax in fig.axes if ax.get_title()}
-    assert panels == {"training loss": ["train/loss"], "logit scale / bias": ["train/scale"],
-                      "accuracy": ["retrieval/coco/i2t_r1", "train/i2t_acc", "train/t2i_acc", "zeroshot/imagenet/top1"],
-                      "throughput": ["train/samples_per_sec"], "learning rate": ["train/lr"]}
-    twins = sorted(line.get_label() for ax in fig.axes if not ax.get_title() for line in ax.get_lines())
-    assert twins == ["train/bias", "train/mfu"]  # on second axes beside scale and throughput
-    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
-    np.testing.assert_allclose(lines["train/loss"].get_ydata(), 5.0 / np.arange(1, 51))
-    np.testing.assert_array_equal(lines["zeroshot/imagenet/top1"].get_xdata(), [10, 20, 30, 40, 50])
-    assert np.isnan(lines["train/mfu"].get_ydata()[0]) and lines["train/mfu"].get_ydata()[1] == 0.4
-    close(fig)
-
-
-def test_report_without_metrics(tmp_path):
-    path = report_lib.write_report(str(tmp_path))
-    assert os.path.getsize(path) > 1000
 
 
 # --- peaks, FLOPs, MFU ------------------------------------------------------------------------

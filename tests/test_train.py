@@ -97,7 +97,7 @@ def test_unwritable_workdir_fails_clearly(data_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     # Without the up-front check this fails later, in orbax, with a NotADirectoryError.
-    with pytest.raises(PermissionError, match=r"workdir '.*file/run' is not a writable directory"):
+    with pytest.raises(ckpt_lib.WorkdirError, match=r"workdir '.*file/run' is not a writable directory"):
         train(smoke(data_dir), str(blocker / "run"))
 
 

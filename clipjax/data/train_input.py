@@ -33,6 +33,7 @@ from clipjax.data import sources as sources_lib
 from clipjax.data import transforms
 from clipjax.data.loading import (DATASET_OPTIONS, SYNC_READ, LazyTokenizer, decode_or_none, log, mp_options,
                                   process_slot, to_global)
+from clipjax.errors import UserError
 
 # Up to this many records an epoch's permutation is a cached array: grain's index_shuffle
 # cycle-walks, so on small sets it costs ~0.1 ms an index (3.5 us from ~1e5 records on).
@@ -43,7 +44,7 @@ _STREAM_END = 2**62  # "endless": positions are plain ints, far beyond any run
 _ROWS_PER_TASK = 16
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The input pipeline cannot go on (e.g. too many undecodable images)."""
 
 
