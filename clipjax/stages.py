@@ -75,11 +75,15 @@ def phase_at(config: Any, step: int) -> Phase:
 
 
 def data_config(config: Any, phase: Phase) -> Any:
-    """A copy of ``config`` whose model sizes are the phase's: what the input pipeline builds from."""
+    """A copy of a validated ``config`` with the phase's sizes (and crop buffer): what the input
+    pipeline builds from and the batch the phase's step takes."""
+    from clipjax.data.transforms import ImageOptions
+
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.model.image.image_size = phase.image_size
         c.model.text.context_length = phase.context_length
+        c.data.buffer_size = ImageOptions.from_config(c.data, phase.image_size).buffer_size
     return c
 
 
