@@ -12,7 +12,7 @@ from flax import linen as nn
 from clipjax import checkpoint as ckpt_lib
 from clipjax import sharding
 from clipjax.config import load_config, validate
-from clipjax.metrics import read_metrics
+from clipjax.report import read_metrics
 from clipjax.models import build_model, dummy_inputs, posemb
 from clipjax.models import towers
 from clipjax.train import _default_data_iterator, train
