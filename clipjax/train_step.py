@@ -124,10 +124,9 @@ def _merge_micro(x_KM: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(sharding.BATCH_AXES))
 
 
-def mask_rng(state: TrainState) -> jax.Array:
-    """The key of this step's patch masks: ``fold_in(rng, step)``, so a resumed run draws the same masks."""
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    return jax.random.fold_in(step_key, _MASK_STREAM)
+def mask_rng(seed: int, step: jax.Array) -> jax.Array:
+    """The key of a step's patch masks: ``fold_in(key(seed), step)``, so a resumed run draws the same masks."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _MASK_STREAM), step)
 
 
 def patch_keep(config, phase: Phase, batch_size: int, rng: jax.Array) -> jax.Array | None:
@@ -207,7 +206,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
     config = setup.config
     phase = phase or final_phase(config)
     params = state.params
-    keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(state))
+    keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(config.seed, state.step))
     loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase)
 
     grad_norm = optax.global_norm(grads)
