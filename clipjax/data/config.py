@@ -55,6 +55,9 @@ def data_config() -> ml_collections.ConfigDict:
         # side >= draft_min_scale * image_size (much faster; slight upsampling when < 1).
         "draft_decode": True,
         "draft_min_scale": 0.8,  # 1.0 never upsamples; lower decodes faster
+        # Eval crop: centre (the centred square) | openclip (OpenCLIP's validation transform:
+        # its whole-pixel crop offsets, full decode; use it to score OpenCLIP/OpenAI weights).
+        "eval_crop": "centre",
         # --- loading ---
         "num_workers": 4,  # grain worker processes per host; 0 = in the main process
         "prefetch": 2,  # batches prepared ahead (main-process thread; workers buffer as much)
@@ -91,6 +94,10 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("tokenizer", f"{cfg.tokenizer!r} is not one of {TOKENIZERS}")
     if cfg.caption_choice not in CAPTION_CHOICES:
         _fail("caption_choice", f"{cfg.caption_choice!r} is not one of {CAPTION_CHOICES}")
+    from clipjax.data.transforms import EVAL_CROPS
+
+    if cfg.get("eval_crop", "centre") not in EVAL_CROPS:
+        _fail("eval_crop", f"{cfg.eval_crop!r} is not one of {EVAL_CROPS}")
     if cfg.interpolation not in INTERPOLATIONS:
         _fail("interpolation", f"{cfg.interpolation!r} is not one of {INTERPOLATIONS}")
     lo, hi = (float(v) for v in cfg.crop_scale)

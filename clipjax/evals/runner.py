@@ -339,9 +339,10 @@ def _restore_params(ckpt_lib, config, workdir: str, setup, step: int | None):
         step = checkpointer.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}")
-        state, _ = checkpointer.restore(step, setup.abstract_state, None)
+        # Params only: evaluation needs no optimizer state (and converted checkpoints hold none).
+        params = checkpointer.restore_params(step, setup.abstract_state.params)
     finally:
         close = getattr(checkpointer, "close", None)
         if close is not None:
             close()
-    return state.params, int(step)
+    return params, int(step)
