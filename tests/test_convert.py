@@ -172,7 +172,7 @@ def test_cli_fails_on_too_many_skips(tmp_path, capsys):
     csv_path = make_csv_dataset(tmp_path)
     out = tmp_path / "out"
     rc = cli_main(["convert", "csv", "--csv", str(csv_path), "--out", str(out), "--examples_per_shard", "8"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "max_skip_fraction" in err and "40.0%" in err
     summary = json.loads((out / "train-summary.json").read_text())

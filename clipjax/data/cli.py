@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from clipjax.data.captions import MAX_CHARS
+from clipjax.errors import ArgumentParser, UserError, run_cli
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipjax-data", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="clipjax-data", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Runs the command line; returns the exit status (2 with one line on stderr for a user error)."""
+    return run_cli("clipjax-data", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["synth"]:  # the synth command owns its own arguments
         from clipjax.data import synth
 
@@ -81,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = convert.convert_wds(a.tars, opts)
         convert.report(summary, opts.max_skip_fraction)
-    except (convert.ConvertError, FileNotFoundError, ValueError) as e:
-        print(f"clipjax-data: error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:
+        raise UserError(f"{e.filename}: no such file or folder") from e
+    except ValueError as e:  # malformed inputs
+        raise UserError(str(e)) from e
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 from clipjax.data import records
 from clipjax.data.captions import MAX_CHARS, BadCaption, clean_caption_info
 from clipjax.data.images import BadImage, prepare
+from clipjax.errors import UserError
 
 __all__ = ["ConvertOptions", "ConvertError", "convert_csv", "convert_coco", "convert_wds", "is_unsafe_member"]
 
@@ -44,7 +45,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("missing_image", "bad_image", "no_caption", "bad_caption", "unsafe_member", "truncated_tar")
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
     """The conversion cannot proceed or skipped too much; the message says why."""
 
 
