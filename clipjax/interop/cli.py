@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+from clipjax.errors import ArgumentParser, UserError, run_cli
+
 # Besides model.*, the fields a converted model's config sets.
 RUN_KEYS = ("data.tokenizer", "loss.kind", "data.eval_crop")
 # Not part of what the weights describe: compute settings and initial values.
@@ -78,7 +80,7 @@ def from_openclip(checkpoint: str, model: str | None, workdir: str) -> str:
     ckpt_lib.check_workdir_writable(workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, every=1, keep=1, async_save=False, config_json=config.to_json())
     if checkpointer.latest_step() is not None:
-        raise ValueError(f"--workdir={workdir} already holds checkpoints; choose an empty folder")
+        raise UserError(f"--workdir={workdir} already holds checkpoints; choose an empty folder")
     checkpointer.save(0, {"params": jax.tree.map(jax.numpy.asarray, params)})
     checkpointer.close()
     flags = " ".join(overrides(config))
@@ -103,7 +105,7 @@ def _saved_model(workdir: str, step: int | None):
             raise FileNotFoundError(f"--workdir={workdir}: no checkpoint" + (f" at step {step}" if step else ""))
         saved = checkpointer.saved_config(step)
         if saved is None:
-            raise ValueError(f"{ckpt_lib.checkpoint_dir(workdir)}/{step} holds no config; cannot tell the model")
+            raise UserError(f"{ckpt_lib.checkpoint_dir(workdir)}/{step} holds no config, so its model is unknown")
         params = checkpointer.read_params(step)
     finally:
         checkpointer.close()
@@ -131,7 +133,7 @@ def to_openclip(workdir: str, step: int | None, out: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipjax-convert", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="clipjax-convert", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,17 +151,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    from clipjax.interop.openclip import WeightsError
+    """Runs the command line; returns the exit status (2 with one line on stderr for a user error)."""
+    return run_cli("clipjax-convert", _main, argv)
 
+
+def _main(argv: list[str]) -> int:
+    a = _parser().parse_args(argv)
     try:
         if a.command == "from-openclip":
             print(from_openclip(a.checkpoint, a.model, a.workdir))
         else:
             print(to_openclip(a.workdir, a.step, a.out))
-    except (WeightsError, FileNotFoundError, ValueError, PermissionError) as e:
-        print(f"clipjax-convert: error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
     return 0
 
 

@@ -32,6 +32,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from clipjax.errors import UserError
+
 log = logging.getLogger("clipjax")
 
 # OpenCLIP model names whose towers are rows of clipjax's size table (clipjax.models.sizes).
@@ -55,7 +57,7 @@ _UNSUPPORTED = (
 )
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file, state_dict or model config that cannot be converted (the message says why)."""
 
 
