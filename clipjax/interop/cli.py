@@ -94,22 +94,31 @@ def from_openclip(checkpoint: str, model: str | None, workdir: str) -> str:
 
 
 def _saved_model(workdir: str, step: int | None):
+    """``(model config, params on one device, step)`` of a checkpoint in ``workdir``."""
+    import jax
     import ml_collections
+    from flax import linen as nn
 
     from clipjax import checkpoint as ckpt_lib
+    from clipjax.models import build_model, dummy_inputs
 
     checkpointer = ckpt_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else int(step)
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(f"--workdir={workdir}: no checkpoint" + (f" at step {step}" if step else ""))
-        saved = checkpointer.saved_config(step)
-        if saved is None:
-            raise UserError(f"{ckpt_lib.checkpoint_dir(workdir)}/{step} holds no config, so its model is unknown")
-        params = checkpointer.read_params(step)
+        saved = None if step is None else checkpointer.saved_config(step)
     finally:
         checkpointer.close()
-    return ml_collections.ConfigDict(json.loads(saved)["model"]), params, step
+    step_dir = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step))
+    if step is None or not os.path.isdir(step_dir):
+        raise UserError(f"--workdir={workdir}: no checkpoint" + (f" at step {step}" if step is not None else ""))
+    if saved is None:
+        raise UserError(f"{step_dir} holds no config, so its model is unknown")
+    model_config = ml_collections.ConfigDict(json.loads(saved)["model"])
+    model = build_model(model_config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model_config)))["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nn.unbox(boxed))
+    return model_config, jax.device_get(ckpt_lib.load_params(step_dir, abstract)), step
 
 
 def to_openclip(workdir: str, step: int | None, out: str) -> str:
