@@ -60,12 +60,14 @@ class CommandLine:
 def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
     """Separates ``--config=SPEC`` and ``--config.a.b=VALUE`` from the other arguments."""
     spec, overrides, rest = None, [], []
-    it = iter(argv)
-    for arg in it:
+    it = iter(enumerate(argv))
+    for i, arg in it:
         name = arg.split("=", 1)[0]
         if name in ("--config", "-config"):
-            spec = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            spec = arg.split("=", 1)[1] if "=" in arg else next(it, (None, None))[1]
         elif name.lstrip("-").startswith(("config.", "noconfig.")):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                arg = f"{arg}={next(it)[1]}"  # --config.a.b VALUE
             overrides.append(arg)
         else:
             rest.append(arg)
@@ -176,9 +178,9 @@ def _eval(cmd: CommandLine) -> None:
     if _PRINT_CONFIG.value:
         return _print_config(config)
     _setup(cmd)
-    from clipjax.evals import runner
+    from clipjax import evaluate
 
-    runner.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
+    evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
 
 
 def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | None) -> None:

@@ -17,6 +17,7 @@ SUITES = {
     "data": "clipjax.bench.data",
     "compile": "clipjax.bench.compile",
     "train": "clipjax.bench.train",
+    "convert": "clipjax.bench.convert",
 }
 
 

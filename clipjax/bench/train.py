@@ -201,6 +201,7 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
     """Rows (data excluded / included) of one configuration."""
     import jax
 
+    from clipjax import hlo_flops
     from clipjax import mfu as mfu_lib
     from clipjax import sharding
     from clipjax.train_step import compile_train_step, init_state, make_setup
@@ -213,7 +214,7 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
     state = init_state(setup, config.seed)
     batch_size, n_dev = config.train.batch_size, len(devices)
     model_flops = mfu_lib.clip_train_flops(config.model, batch_size) / n_dev
-    hw_flops = mfu_lib.compiled_flops(compiled)
+    hw_flops = hlo_flops.compiled_flops(compiled)
     peak, peak_source = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
     base = {"model": config.model.size if config.model.size else "custom", "batch": batch_size,
             "dtype": config.model.dtype, "remat": config.model.remat, "devices": n_dev}
