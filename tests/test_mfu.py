@@ -2,6 +2,7 @@
 
 import pytest
 
+from clipjax import hlo_flops
 from clipjax import mfu as mfu_lib
 from clipjax import sharding
 from clipjax.config import base_config, validate
@@ -57,7 +58,7 @@ def test_map_pooling_adds_its_head():
 def _flops(remat, devices):
     c = validate(tiny_config(batch=8, **{"model.remat": remat, "model.scan": True, "mesh.data": 1}), 1)
     setup = make_setup(c, sharding.mesh_from_config(c.mesh, devices[:1]))
-    return mfu_lib.clip_train_flops(c.model, 8), mfu_lib.compiled_flops(compile_train_step(setup))
+    return mfu_lib.clip_train_flops(c.model, 8), hlo_flops.compiled_flops(compile_train_step(setup))
 
 
 def test_model_flops_ignore_remat_while_compiled_flops_grow(devices):
