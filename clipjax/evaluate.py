@@ -34,7 +34,8 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
         step = checkpointer.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}")
-        params = run.restore(checkpointer, setup, step).params
+        # Params only: evaluation needs no optimizer state (and converted checkpoints hold none).
+        params = checkpointer.restore_params(step, setup.abstract_state.params)
         saved = checkpointer.saved_config(step)
     finally:
         checkpointer.close()

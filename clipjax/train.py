@@ -63,19 +63,22 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     else:
         params = None
         if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                          init_logit_bias=config.model.init_logit_bias)
             log.info("initialised params from %s", config.checkpoint.init_from)
         state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
     compiled = compile_train_step(setup)
+    # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
+    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / len(devices)
     flops = hlo_flops.compiled_flops(compiled)
-    peak, peak_source = mfu_lib.peak_flops_per_device()
+    peak, peak_source = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
-        log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
-                 count_params(state.params), flops, peak, peak_source)
+        log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
+                 dict(mesh.shape), count_params(state.params), model_flops, flops, peak, peak_source)
     preemption = ckpt_lib.PreemptionWatcher()
     evaluate = evaluate_fn
     if evaluate is None and len(config.evals):
@@ -107,8 +110,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         window_start, window_steps = now, 0
         host["train/step_time"] = dt
         host["train/samples_per_sec"] = config.train.batch_size / dt
+        host["train/mfu"] = mfu_lib.mfu(model_flops, dt, peak)
         if flops:
-            host["train/mfu"] = mfu_lib.mfu(flops, dt, peak)
+            host["train/hfu"] = mfu_lib.mfu(flops, dt, peak)
         host["train/eta_sec"] = dt * (total - step)
         host.pop("train/finite")
         writer.write(step, host)
