@@ -2,6 +2,7 @@
 
     clipjax-train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.a.b=VALUE ...]
     clipjax-eval  --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N]
+    clipjax-train --config=... --compile_only --target=tpu:v5p:8x8x8   (plan only: nothing runs)
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _STEP = flags.DEFINE_integer("step", None, "clipjax-eval: checkpoint step to evaluate (default: latest).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "clipjax-train: compile the step for --target, print its memory and time plan, "
+    "exit 1 if it does not fit; nothing runs and no --workdir is needed.")
+_TARGET = flags.DEFINE_string(
+    "target", None, "With --compile_only: tpu:<topology> (e.g. tpu:v5p:8x8x8, from any machine with libtpu) "
+    "or cpu:N simulated devices; default: this machine's devices.")
 
 
 def _setup() -> None:
@@ -33,9 +40,36 @@ def _setup() -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
+def _compile_only() -> None:
+    from clipjax import compile_ahead
+    from clipjax.bench.table import emit
+
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required")
+    try:
+        target = compile_ahead.parse_target(_TARGET.value) if _TARGET.value else None
+        devices = compile_ahead.target_devices(target) if target else None
+        if devices is None:
+            import jax
+
+            devices = jax.devices()
+        row = compile_ahead.plan(_CONFIG.value, devices)
+    except ValueError as e:  # TargetError, config/mesh mistakes
+        sys.exit(f"clipjax-train --compile_only: {e}")
+    emit([{"target": str(target or devices[0].platform), **row}])
+    if not row["fits"]:
+        sys.exit(f"does not fit: {row['mesh']} needs {row['peak_GiB']:.1f} GiB per device, "
+                 f"{row['device']} has {row['hbm_GiB']:.1f} GiB (try model.remat, train.grad_accum or more fsdp)")
+
+
 def _train(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _COMPILE_ONLY.value:
+        _compile_only()
+        return
+    if _TARGET.value:
+        raise app.UsageError("--target only applies with --compile_only")
     _setup()
     from clipjax import train
 
@@ -57,3 +91,7 @@ def train_main() -> None:
 
 def eval_main() -> None:
     app.run(_eval, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    train_main()
