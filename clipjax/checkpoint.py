@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from clipjax.errors import UserError
+
 log = logging.getLogger("clipjax")
 
 # Config fields that change parameter shapes or presence: a checkpoint is only
@@ -27,8 +29,12 @@ SHAPE_KEYS = ("model.size", "model.embed_dim", "model.image", "model.text", "mod
               "loss.kind", "optim.lock_image", "optim.lock_text", "optim.clip_norm")
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(UserError, ValueError):
     """The checkpoint in the workdir was written by a config with other shapes."""
+
+
+class WorkdirError(UserError, PermissionError):
+    """The workdir cannot be created or written."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -44,7 +50,8 @@ def check_workdir_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"workdir {workdir!r} is not a writable directory: {e}") from e
+        raise WorkdirError(f"workdir {workdir!r} is not a writable directory ({e.strerror or e}); "
+                           f"choose another --workdir or fix its permissions") from e
 
 
 def _get(tree: dict, dotted: str) -> Any:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from clipjax.errors import UserError
+
 GIB = 1024**3
 
 # HBM per device in GiB as the chips' spec sheets give it (Google Cloud TPU system
@@ -44,7 +46,7 @@ HBM_GIB: dict[str, float] = {
 }
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A target that cannot be compiled for here (bad name, no TPU compiler); one-line message."""
 
 

@@ -19,12 +19,13 @@ from clipjax import config as config_lib
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
 from clipjax import sharding
+from clipjax.errors import UserError
 from clipjax.train_step import TrainState, compile_train_step, init_state, make_setup
 
 log = logging.getLogger("clipjax")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is intact."""
 
 

@@ -18,12 +18,13 @@ Exits 1 when a row does not fit.
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from clipjax.errors import ArgumentParser, UserError
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="clipjax-bench compile", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config path[:arg], as for clipjax-train; "
                    "--config.a.b=VALUE overrides follow as for clipjax-train")
     p.add_argument("--target", default=None,
@@ -53,14 +54,14 @@ def _mesh_sizes(spec: str) -> dict[str, int]:
     for item in spec.split(","):
         axis, _, value = item.partition("=")
         if axis not in sizes or not value.lstrip("-").isdigit():
-            raise ValueError(f"--mesh={spec!r}: expected axis=size pairs over data, fsdp, tensor (e.g. data=16,fsdp=16)")
+            raise UserError(f"--mesh={spec!r}: expected axis=size pairs over data, fsdp, tensor (e.g. data=16,fsdp=16)")
         sizes[axis] = int(value)
     return sizes
 
 
 def run(target_spec: str, config_spec: str, overrides: list[str], meshes: list[str], *, accelerator: str | None,
         peak: float | None, assumed_mfu: float | None) -> list[dict]:
-    """One plan row per mesh (the config's own when ``meshes`` is empty); raises TargetError/ValueError."""
+    """One plan row per mesh (the config's own when ``meshes`` is empty); UserError for a bad target or config."""
     from clipjax import compile_ahead
 
     target = compile_ahead.parse_target(target_spec)
@@ -71,7 +72,10 @@ def run(target_spec: str, config_spec: str, overrides: list[str], meshes: list[s
 
     capacity = None
     if target.platform == "cpu":
-        peak = peak if peak is not None else mfu_lib.peak_for_kind(accelerator)
+        try:
+            peak = peak if peak is not None else mfu_lib.peak_for_kind(accelerator)
+        except ValueError as e:
+            raise UserError(f"--accelerator: {e}") from None
         capacity = compile_ahead.hbm_bytes(devices, fallback_kind=accelerator)
     rows = []
     for mesh_spec in meshes or [None]:
@@ -91,14 +95,8 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.target is None:
         args.target = f"cpu:{args.devices}"
-    from clipjax.compile_ahead import TargetError
-
-    try:
-        rows = run(args.target, args.config, args.overrides, args.mesh, accelerator=args.accelerator,
-                   peak=args.peak, assumed_mfu=args.mfu)
-    except (TargetError, ValueError) as e:
-        print(f"clipjax-bench compile: {e}", file=sys.stderr)
-        return 2
+    rows = run(args.target, args.config, args.overrides, args.mesh, accelerator=args.accelerator,
+               peak=args.peak, assumed_mfu=args.mfu)
 
     from clipjax.bench.table import emit
 
