@@ -198,7 +198,9 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     compiler's required figure as the peak. The projected step time is the TPU
     compiler's ``optimal_seconds`` with scanned loops counted every iteration
     (``mfu.loop_factor``); on CPU it is the model FLOPs at ``peak_flops`` and
-    ``assumed_mfu``. ``mfu`` = model FLOPs / (step time x peak).
+    ``assumed_mfu``. ``mfu`` = model FLOPs / (step time x peak). Compiler FLOPs
+    are ``mfu.compiled_flops`` (cost analysis, loops counted every iteration), so
+    they include rematerialised work that model FLOPs leave out.
     """
     from clipjax import config as config_lib
     from clipjax import mfu as mfu_lib
@@ -240,23 +242,28 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     peak_b = args_b + temp_b + max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+    compiler_flops = mfu_lib.compiled_flops(compiled) or float("nan")
+    note = None
     if on_tpu:
-        factor = mfu_lib.loop_factor(compiled.as_text())
-        compiler_flops = float(cost.get("flops", 0.0)) * factor
-        step_s = float(cost.get("optimal_seconds", float("nan"))) * factor
+        optimal_s = float(cost.get("optimal_seconds", float("nan")))
+        step_s = optimal_s * mfu_lib.loop_factor(compiled.as_text()) if optimal_s > 0 else float("nan")
+        if not optimal_s > 0:
+            note = f"the TPU compiler gave no step-time estimate (optimal_seconds={optimal_s:.4g})"
     else:
-        compiler_flops = mfu_lib.compiled_flops(compiled) or float("nan")
         step_s = model_flops / (peak_flops * assumed_mfu) if assumed_mfu else float("nan")
     row.update({
         "args_GiB": args_b / GIB, "temp_GiB": temp_b / GIB, "peak_GiB": peak_b / GIB,
         "hbm_GiB": hbm / GIB if hbm else None,
         "fits": bool(hbm is None or peak_b <= hbm),
-        "model_TFLOP": model_flops / 1e12, "compiler_TFLOP": compiler_flops / 1e12,
-        "step_s": step_s,
+        "model_TFLOP": model_flops / 1e12,
+        "compiler_TFLOP": compiler_flops / 1e12 if math.isfinite(compiler_flops) else None,
+        "step_s": step_s if math.isfinite(step_s) else None,
         "mfu": mfu_lib.mfu(model_flops, step_s, peak_flops) if math.isfinite(step_s) else None,
         "samples/s": config.train.batch_size / step_s if math.isfinite(step_s) and step_s > 0 else None,
         "compile_s": compile_s,
     })
     if hbm is None:
-        row["note"] = f"HBM of {kind!r} unknown ({hbm_source}): fit not checked"
+        note = f"HBM of {kind!r} unknown ({hbm_source}): fit not checked"
+    if note:
+        row["note"] = note
     return row

@@ -249,14 +249,70 @@ def _loop_weighted_sums(hlo_text: str, line_weight) -> tuple[float, float]:
     return (sum(weights[n] * mult[n] for n, _ in comps), sum(weights[n] * counted[n] for n, _ in comps))
 
 
-def loop_extra_flops(hlo_text: str) -> float:
-    """Dot FLOPs that XLA's cost analysis misses because it counts a while body once.
+def _valid_taps(out_size: int, in_size: int, size: int, stride: int, pad_lo: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+    """Pairs (output position, window tap) of one spatial dimension that read a real input element."""
+    span = (in_size - 1) * lhs_dilate + 1
+    count = 0
+    for o in range(out_size):
+        for k in range(size):
+            i = o * stride + k * rhs_dilate - pad_lo
+            count += 0 <= i < span and i % lhs_dilate == 0
+    return count
 
-    ``sum(dot_flops * (executions - times_counted))`` over the module's
-    computations (see ``_loop_weighted_sums``).
+
+def _conv_flops(out_shape: str, args: str, shapes: dict[str, str]) -> float:
+    """FLOPs of one HLO ``convolution`` (the TPU backend writes dots as these), padding and dilation exact.
+
+    ``2 * input features * sum over output elements of the window taps that read
+    real input`` (taps in padding or between dilated elements do no work).
     """
-    executed, counted = _loop_weighted_sums(
-        hlo_text, lambda op, shape, rest, shapes: _dot_flops(shape, rest, shapes) if op == "dot" else 0.0)
+    out = _dims(out_shape)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", args)
+    operands = [o.strip() for o in args.split(")", 1)[0].split(",")]
+    if out is None or labels is None or len(operands) < 2:
+        return 0.0
+
+    def shape_of(operand):
+        return _dims(operand) if _ARRAY.match(operand) else _dims(shapes.get(operand.lstrip("%"), ""))
+
+    lhs, rhs = shape_of(operands[0]), shape_of(operands[1])
+    lhs_l, rhs_l, out_l = labels.groups()
+    if lhs is None or rhs is None or len(rhs) != len(rhs_l) or len(lhs) != len(lhs_l) or "i" not in rhs_l:
+        return 0.0
+    window = re.search(r"window=\{([^}]*)\}", args)
+    fields = dict(f.split("=", 1) for f in window.group(1).split() if "=" in f) if window else {}
+    spatial = sorted(c for c in out_l if c.isdigit())
+
+    def per_dim(key, default):
+        values = fields.get(key, "").split("x") if key in fields else []
+        return values if len(values) == len(spatial) else [default] * len(spatial)
+
+    work = 2.0 * rhs[rhs_l.index("i")] * math.prod(out[j] for j, c in enumerate(out_l) if not c.isdigit())
+    for n, (size, stride, pad, ld, rd) in enumerate(zip(per_dim("size", "1"), per_dim("stride", "1"),
+                                                        per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"),
+                                                        per_dim("rhs_dilate", "1"))):
+        d = spatial[n]
+        work *= _valid_taps(out[out_l.index(d)], lhs[lhs_l.index(d)], int(size), int(stride),
+                            int(pad.split("_")[0]), int(ld), int(rd))
+    return work
+
+
+def _matmul_flops(op: str, shape: str, rest: str, shapes: dict[str, str]) -> float:
+    if op == "dot":
+        return _dot_flops(shape, rest, shapes)
+    if op == "convolution":
+        return _conv_flops(shape, rest, shapes)
+    return 0.0
+
+
+def loop_extra_flops(hlo_text: str) -> float:
+    """Dot and convolution FLOPs that XLA's cost analysis misses because it counts a while body once.
+
+    ``sum(flops * (executions - times_counted))`` over the module's computations
+    (see ``_loop_weighted_sums``).
+    """
+    executed, counted = _loop_weighted_sums(hlo_text, _matmul_flops)
     return max(executed - counted, 0.0)
 
 

@@ -60,7 +60,7 @@ def test_compiler_hbm_matches_spec_sheet(v5p_8):
 
 
 def test_loop_factor_counts_scanned_iterations(v5p_8):
-    """TPU cost analysis counts a scan body once; loop_factor restores the trip count (1 -> ~1, 16 -> >> 1)."""
+    """TPU cost analysis counts a scan body once; the loop factor and compiled FLOPs count every iteration."""
     mesh = Mesh(np.array(v5p_8[:4]), ("x",))
 
     def scan_compile(n):
@@ -73,6 +73,8 @@ def test_loop_factor_counts_scanned_iterations(v5p_8):
     assert one.cost_analysis()["flops"] == sixteen.cost_analysis()["flops"]  # the undercount being fixed
     assert mfu.loop_factor(one.as_text()) == pytest.approx(1.0)
     assert 6.0 < mfu.loop_factor(sixteen.as_text()) <= 16.0  # work outside the loop does not repeat
+    # The TPU backend writes the dot as a convolution; compiled_flops counts it every iteration.
+    assert mfu.compiled_flops(sixteen) == pytest.approx(16 * 2 * 1024 * 512 * 512, rel=0.01)
 
 
 def _sane(row, devices, config):
