@@ -197,12 +197,13 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     state. A TPU compile that runs out of HBM yields ``fits=False`` with the
     compiler's required figure as the peak. The projected step time is the TPU
     compiler's ``optimal_seconds`` with scanned loops counted every iteration
-    (``mfu.loop_factor``); on CPU it is the model FLOPs at ``peak_flops`` and
+    (``hlo_flops.loop_factor``); on CPU it is the model FLOPs at ``peak_flops`` and
     ``assumed_mfu``. ``mfu`` = model FLOPs / (step time x peak). Compiler FLOPs
-    are ``mfu.compiled_flops`` (cost analysis, loops counted every iteration), so
+    are ``hlo_flops.compiled_flops`` (cost analysis, loops counted every iteration), so
     they include rematerialised work that model FLOPs leave out.
     """
     from clipjax import config as config_lib
+    from clipjax import hlo_flops
     from clipjax import mfu as mfu_lib
     from clipjax import sharding
     from clipjax.train_step import compile_train_step, make_setup
@@ -242,11 +243,11 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     peak_b = args_b + temp_b + max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-    compiler_flops = mfu_lib.compiled_flops(compiled) or float("nan")
+    compiler_flops = hlo_flops.compiled_flops(compiled) or float("nan")
     note = None
     if on_tpu:
         optimal_s = float(cost.get("optimal_seconds", float("nan")))
-        step_s = optimal_s * mfu_lib.loop_factor(compiled.as_text()) if optimal_s > 0 else float("nan")
+        step_s = optimal_s * hlo_flops.loop_factor(compiled.as_text()) if optimal_s > 0 else float("nan")
         if not optimal_s > 0:
             note = f"the TPU compiler gave no step-time estimate (optimal_seconds={optimal_s:.4g})"
     else:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clipjax import compile_ahead, mfu
+from clipjax import compile_ahead, hlo_flops, mfu
 from clipjax.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,10 +71,10 @@ def test_loop_factor_counts_scanned_iterations(v5p_8):
 
     one, sixteen = scan_compile(1), scan_compile(16)
     assert one.cost_analysis()["flops"] == sixteen.cost_analysis()["flops"]  # the undercount being fixed
-    assert mfu.loop_factor(one.as_text()) == pytest.approx(1.0)
-    assert 6.0 < mfu.loop_factor(sixteen.as_text()) <= 16.0  # work outside the loop does not repeat
+    assert hlo_flops.loop_factor(one.as_text()) == pytest.approx(1.0)
+    assert 6.0 < hlo_flops.loop_factor(sixteen.as_text()) <= 16.0  # work outside the loop does not repeat
     # The TPU backend writes the dot as a convolution; compiled_flops counts it every iteration.
-    assert mfu.compiled_flops(sixteen) == pytest.approx(16 * 2 * 1024 * 512 * 512, rel=0.01)
+    assert hlo_flops.compiled_flops(sixteen) == pytest.approx(16 * 2 * 1024 * 512 * 512, rel=0.01)
 
 
 def _sane(row, devices, config):
