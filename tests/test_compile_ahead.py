@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipjax import compile_ahead, hlo_flops, mfu
-from clipjax.config import load_config
+from clipjax.config import load_config, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # model FLOPs / compiler FLOPs for the tiny towers (known tolerance of the analytic count,
@@ -105,32 +105,28 @@ def _run(module, *args):
 
 
 @pytest.mark.slow
-def test_train_compile_only_tiny_fits():
-    """`clipjax-train --compile_only --target=tpu:...` prints the plan of a tiny CLIP and exits 0."""
-    proc = _run("clipjax.main", "--config=configs/clip.py:model=tiny,batch=256", "--compile_only",
-                "--target=tpu:v5p:2x2x1", "--config.model.image.image_size=64", "--config.model.remat=full")
+def test_train_compile_only_fits_and_reports():
+    """`clipjax-train --compile_only --target=tpu:...` prints the plan of the smallest demo and exits 0."""
+    proc = _run("clipjax.main", "--config=configs/demo.py:smoke", "--compile_only", "--target=tpu:v5p:2x2x1",
+                "--config.mesh.data=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     header, rule, row = proc.stdout.strip().splitlines()[-3:]
     cells, start = {}, 0
     for name, dashes in zip(header.split(), rule.split()):  # columns are aligned to the dashes
         cells[name] = row[start:start + len(dashes)].strip()
         start += len(dashes) + 2
-    assert cells["target"] == "tpu:v5p:2x2x1" and cells["mesh"] == "fsdp 4" and cells["remat"] == "full"
+    assert cells["target"] == "tpu:v5p:2x2x1" and cells["mesh"] == "data 2 x fsdp 2"
     assert cells["fits"] == "True" and 0 < float(cells["peak_GiB"]) < float(cells["hbm_GiB"])
-    config = load_config("configs/clip.py:model=tiny,batch=256", ["--config.model.image.image_size=64"])
-    from clipjax.config import validate
-
-    validate(config, 4)
+    config = validate(load_config(os.path.join(REPO, "configs/demo.py:smoke"), ["--config.mesh.data=2"]), 4)
     assert float(cells["model_TFLOP"]) == pytest.approx(
-        mfu.clip_train_flops(config.model, 256) / 4 / 1e12, rel=1e-3)
+        mfu.clip_train_flops(config.model, config.train.batch_size) / 4 / 1e12, rel=1e-3)
 
 
 @pytest.mark.slow
 def test_bench_compile_reports_a_config_that_cannot_fit():
-    """A batch no v5p chip can hold: the TPU compiler's verdict, one line, exit 1."""
+    """g/14 without FSDP, 1024 examples a chip: the TPU compiler's verdict, one line, exit 1."""
     proc = _run("clipjax.bench.cli", "compile", "--target=tpu:v5p:2x2x1",
-                "--config=configs/clip.py:model=tiny,batch=262144", "--config.model.image.image_size=64",
-                "--json")
+                "--config=configs/clip.py:model=g/14,batch=4096", "--mesh=data=4", "--json")
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("does not fit: fsdp 4 needs") and "TPU v5 has 95.7 GiB" in last, last
+    assert last.startswith("does not fit: data 4 needs") and "TPU v5 has 95.7 GiB" in last, last
