@@ -73,26 +73,31 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     else:
         params = None
         if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                          init_logit_bias=config.model.init_logit_bias)
             log.info("initialised params from %s", config.checkpoint.init_from)
         state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
-    compiled_steps: dict[stages.Phase, tuple[Any, Any]] = {}  # phase -> (executable, flops per device)
+    # phase -> (executable, model FLOPs per device, compiled FLOPs per device). MFU counts the model's
+    # FLOPs (analytic, no recomputation; at the phase's sizes); HFU what the compiled step executes.
+    compiled_steps: dict[stages.Phase, tuple[Any, float, Any]] = {}
 
     def compiled_for(phase: stages.Phase):
         if phase not in compiled_steps:
             executable = compile_train_step(setup, phase)
-            compiled_steps[phase] = (executable, hlo_flops.compiled_flops(executable))
+            phase_model = stages.data_config(config, phase).model
+            model_flops = mfu_lib.clip_train_flops(phase_model, config.train.batch_size) / setup.mesh.size
+            compiled_steps[phase] = (executable, model_flops, hlo_flops.compiled_flops(executable))
         return compiled_steps[phase]
 
-    compiled, flops = compiled_for(phase)
-    peak, peak_source = mfu_lib.peak_flops_per_device()
+    compiled, model_flops, flops = compiled_for(phase)
+    peak, peak_source = mfu_lib.peak_flops_per_device(setup.mesh.devices.flat[0], config.model.dtype)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
-        log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
-                 count_params(state.params), flops, peak, peak_source)
+        log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
+                 dict(mesh.shape), count_params(state.params), model_flops, flops, peak, peak_source)
     preemption = ckpt_lib.PreemptionWatcher()
     evaluate = evaluate_fn
     if evaluate is None and len(config.evals):
@@ -107,7 +112,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     def handle(step: int, metrics: dict, force_log: bool = False) -> None:
         nonlocal window_start, window_steps
-        flops = compiled_for(stages.phase_at(config, step - 1))[1]
+        _, model_flops, flops = compiled_for(stages.phase_at(config, step - 1))
         host = _to_host(metrics)
         if host["train/consecutive_skips"] >= config.train.max_consecutive_skips:
             checkpointer.wait()
@@ -125,8 +130,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         window_start, window_steps = now, 0
         host["train/step_time"] = dt
         host["train/samples_per_sec"] = config.train.batch_size / dt
+        host["train/mfu"] = mfu_lib.mfu(model_flops, dt, peak)
         if flops:
-            host["train/mfu"] = mfu_lib.mfu(flops, dt, peak)
+            host["train/hfu"] = mfu_lib.mfu(flops, dt, peak)
         host["train/eta_sec"] = dt * (total - step)
         host.pop("train/finite")
         writer.write(step, host)
@@ -138,7 +144,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             if (new_phase.image_size, new_phase.context_length) != (phase.image_size, phase.context_length):
                 data_iter = _switch_data(data_iter, make_data(stages.data_config(config, new_phase), mesh))
             phase = new_phase
-            compiled, _ = compiled_for(phase)
+            compiled = compiled_for(phase)[0]
             log.info("step %d: image size %d, context length %d, mask ratio %g", step, phase.image_size,
                      phase.context_length, phase.mask_ratio)
         batch = next(data_iter)
