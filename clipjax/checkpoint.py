@@ -102,14 +102,10 @@ class Checkpointer:
         self.manager.reload()
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        self.manager.reload()
-        return list(self.manager.all_steps())
-
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, step: int, state: Any, data_args: Any = None, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_args: Any = None) -> bool:
         """Starts an (asynchronous) save of ``state`` and the data iterator at ``step``."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_args is not None:
@@ -119,7 +115,6 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         # The caller's cadence (should_save, SIGTERM, the last step) decides; orbax always writes.
-        del force
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def saved_config(self, step: int) -> str | None:
@@ -158,12 +153,6 @@ class Checkpointer:
             names = sorted(p.name for p in folder.iterdir())
             raise IncompatibleCheckpoint(f"{folder}: data iterator files do not form one set: {names}")
         return [found[i][1] for i in sorted(found)]
-
-    def read_params(self, step: int) -> Any:
-        """The saved params of ``step`` as host numpy arrays (for inspection and tests)."""
-        path = os.path.join(str(self.manager.directory), str(step), "state")
-        tree = ocp.StandardCheckpointer().restore(path)
-        return tree["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -15,12 +15,13 @@ import jax
 import numpy as np
 
 from clipjax import checkpoint as ckpt_lib
-from clipjax import config as config_lib
+from clipjax import hlo_flops
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
-from clipjax import sharding
+from clipjax import run
 from clipjax.errors import UserError
-from clipjax.train_step import TrainState, compile_train_step, init_state, make_setup
+from clipjax.models import count_params
+from clipjax.train_step import TrainState, compile_train_step, init_state
 
 log = logging.getLogger("clipjax")
 
@@ -30,23 +31,11 @@ class NonFiniteError(UserError, RuntimeError):
 
 
 def _default_data_iterator(config, mesh) -> Any:
-    from clipjax.data import pipeline
+    from clipjax.data import train_input
 
-    return pipeline.make_train_iterator(
+    return train_input.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
         context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
-
-
-def _data_args(data_iter, restore: bool):
-    """Orbax args for the data iterator item (None when the iterator has no state)."""
-    fn_name = "restore_args" if restore else "save_args"
-    fn = getattr(data_iter, fn_name, None)
-    if fn is None:
-        from clipjax.data import pipeline
-
-        fn = getattr(pipeline, fn_name)
-        return fn(data_iter)
-    return fn()
 
 
 def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
@@ -57,28 +46,19 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
           evaluate_fn: Callable | None = None, devices=None) -> TrainState:
     """Trains ``config`` in ``workdir`` (auto-resuming) and returns the final state.
 
+    ``data_iterator_fn(config, mesh)`` (default: the grain stream) returns an iterator of
+    global batches with ``num_skipped``, ``save_args()``, ``restore_args()`` and
+    ``set_state_from_processes(states)``, as ``train_input.TrainIterator`` has.
+
     ``devices`` (default: all) restricts the mesh, e.g. to compare meshes in one process.
     """
-    devices = list(devices) if devices is not None else jax.devices()
-    config_lib.validate(config, len(devices))
-    is_main = jax.process_index() == 0
-    ckpt_lib.check_workdir_writable(workdir)
-    mesh = sharding.mesh_from_config(config.mesh, devices)
-    setup = make_setup(config, mesh)
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save, config_json=config.to_json())
+    setup, checkpointer = run.prepare(config, workdir, devices)
+    mesh, is_main = setup.mesh, jax.process_index() == 0
     data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
 
     latest = checkpointer.latest_step()
     if latest is not None:
-        data_states = checkpointer.data_states(latest)
-        if not data_states or len(data_states) == jax.process_count():
-            state, _ = checkpointer.restore(latest, setup.abstract_state, _data_args(data_iter, restore=True))
-        else:  # saved by another number of processes: continue the same global stream
-            state, _ = checkpointer.restore(latest, setup.abstract_state)
-            data_iter.set_state_from_processes(data_states)
-            log.info("data stream of %d processes continued by %d", len(data_states), jax.process_count())
+        state = run.restore(checkpointer, setup, latest, data_iter)
         log.info("resumed from step %d in %s", latest, workdir)
     else:
         params = None
@@ -89,19 +69,19 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     start = int(jax.device_get(state.step))
 
     compiled = compile_train_step(setup)
-    flops = mfu_lib.compiled_flops(compiled)
+    flops = hlo_flops.compiled_flops(compiled)
     peak, peak_source = mfu_lib.peak_flops_per_device()
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
         log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
-                 sum(x.size for x in jax.tree.leaves(state.params)), flops, peak, peak_source)
+                 count_params(state.params), flops, peak, peak_source)
     preemption = ckpt_lib.PreemptionWatcher()
     evaluate = evaluate_fn
     if evaluate is None and len(config.evals):
-        from clipjax.evals import runner
+        from clipjax.evals.evaluator import Evaluator
 
-        evaluate = runner.make_evaluator(config, setup)
+        evaluate = Evaluator(config, setup)
 
     total = config.train.steps
     pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
@@ -136,10 +116,8 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     step = start
     for step in range(start, total):
         batch = next(data_iter)
-        num_skipped = batch.pop("num_skipped", None) if isinstance(batch, dict) else None
         state, metrics = compiled(state, batch)
-        if num_skipped is not None:
-            metrics = dict(metrics, **{"data/skipped_examples": num_skipped})
+        metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
         window_steps += 1
         if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
             handle(*pending)
@@ -151,13 +129,13 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         if preemption.requested:
             handle(*pending, force_log=True)
             pending = None
-            checkpointer.save(done, state, _data_args(data_iter, restore=False), force=True)
+            checkpointer.save(done, state, data_iter.save_args())
             checkpointer.wait()
             log.warning("SIGTERM: saved step %d and stopped", done)
             writer.close()
             return state
         if checkpointer.should_save(done) or done == total:
-            checkpointer.save(done, state, _data_args(data_iter, restore=False), force=done == total)
+            checkpointer.save(done, state, data_iter.save_args())
         # Evaluation and checkpoint time is not step time: keep it out of step_time, samples/s and MFU.
         window_start += time.perf_counter() - side_start
     if pending is not None:

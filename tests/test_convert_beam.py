@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from clipjax.data import records
 from clipjax.data.config import data_config
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_csv, convert_wds
-from clipjax.data.pipeline import make_train_iterator
+from clipjax.data.train_input import make_train_iterator
 from test_convert import make_csv_dataset, make_tars
 
 pytestmark = pytest.mark.slow  # each Beam pipeline takes seconds to start

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from etils import epath
 
+from clipjax.atomic import write_text
 from clipjax.data.convert import fingerprint as fingerprint_lib
 from clipjax.data.convert.example import ShardStats
 from clipjax.data.convert.labels import ClassNames
@@ -95,10 +96,7 @@ def _summarise(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, *,
         "runner": runner, "seconds": round(seconds, 3),
     }
     summary["ok"] = summary["skip_fraction"] <= opts.max_skip_fraction
-    out = epath.Path(opts.out_dir)
-    tmp = out / f"{opts.split}-summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / f"{opts.split}-summary.json")
+    write_text(os.path.join(opts.out_dir, f"{opts.split}-summary.json"), json.dumps(summary, indent=2))
     if opts.skipped_report:
         lines = [json.dumps({"key": k, "input": i, "reason": r, "detail": d}) + "\n"
                  for k, i, r, d in total.skipped_inputs]
