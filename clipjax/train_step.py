@@ -88,7 +88,8 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
 def _init_state(model: CLIP, tx, config, rng: jax.Array, params: Any = None) -> TrainState:
     if params is None:
         images, ids = dummy_inputs(config.model)
-        params = nn.unbox(model.init(rng, images, ids))["params"]
+        # The first key of a split, as since the first release: a seed keeps giving the same weights.
+        params = nn.unbox(model.init(jax.random.split(rng)[0], images, ids))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       consecutive_skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
