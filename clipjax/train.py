@@ -54,24 +54,28 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     """
     setup, checkpointer = run.prepare(config, workdir, devices)
     mesh, is_main = setup.mesh, jax.process_index() == 0
-    data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
+    progress = writer.progress  # start-up says what it is doing: the minute before step 1 is not silent
+    with progress.phase("opening the training data"):
+        data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
 
     latest = checkpointer.latest_step()
     if latest is not None:
-        state = run.restore(checkpointer, setup, latest, data_iter)
-        log.info("resumed from step %d in %s", latest, workdir)
+        with progress.phase(f"restoring step {latest} from {ckpt_lib.checkpoint_dir(workdir)}"):
+            state = run.restore(checkpointer, setup, latest, data_iter)
     else:
         params = None
-        if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
-            log.info("initialised params from %s", config.checkpoint.init_from)
-        state = init_state(setup, config.seed, params)
+        with progress.phase("initialising the parameters" + (
+                f" from {config.checkpoint.init_from}" if config.checkpoint.init_from else "")):
+            if config.checkpoint.init_from:
+                params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
-    compiled = compile_train_step(setup)
+    with progress.phase("compiling the train step"):
+        compiled = compile_train_step(setup)
     flops = hlo_flops.compiled_flops(compiled)
     peak, peak_source = mfu_lib.peak_flops_per_device()
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
         log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
@@ -142,12 +146,11 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         handle(*pending, force_log=True)
     checkpointer.wait()
     checkpointer.close()
-    if is_main:
-        log.info("finished %d steps in %.1fs", total - start, time.perf_counter() - run_start)
+    progress.end_bar()
+    progress.note(f"finished {total - start} steps in {time.perf_counter() - run_start:.1f}s")
     if is_main and config.train.report:
         from clipjax import report
 
-        path = report.write_report(workdir)
-        log.info("report: %s", path)
+        progress.note(f"report: {report.write_report(workdir)}")
     writer.close()
     return state
