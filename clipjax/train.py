@@ -52,6 +52,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     ``devices`` (default: all) restricts the mesh, e.g. to compare meshes in one process.
     """
+    devices = list(devices) if devices is not None else jax.devices()
     setup, checkpointer = run.prepare(config, workdir, devices)
     mesh, is_main = setup.mesh, jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
@@ -68,18 +69,21 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         with progress.phase("initialising the parameters" + (
                 f" from {config.checkpoint.init_from}" if config.checkpoint.init_from else "")):
             if config.checkpoint.init_from:
-                params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+                params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                              init_logit_bias=config.model.init_logit_bias)
             state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
     with progress.phase("compiling the train step"):
         compiled = compile_train_step(setup)
+    # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
+    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / len(devices)
     flops = hlo_flops.compiled_flops(compiled)
-    peak, peak_source = mfu_lib.peak_flops_per_device()
+    peak, peak_source = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
     writer.truncate_after(start)
     if is_main:
-        log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
-                 count_params(state.params), flops, peak, peak_source)
+        log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
+                 dict(mesh.shape), count_params(state.params), model_flops, flops, peak, peak_source)
     preemption = ckpt_lib.PreemptionWatcher()
     evaluate = evaluate_fn
     if evaluate is None and len(config.evals):
@@ -111,8 +115,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         window_start, window_steps = now, 0
         host["train/step_time"] = dt
         host["train/samples_per_sec"] = config.train.batch_size / dt
+        host["train/mfu"] = mfu_lib.mfu(model_flops, dt, peak)
         if flops:
-            host["train/mfu"] = mfu_lib.mfu(flops, dt, peak)
+            host["train/hfu"] = mfu_lib.mfu(flops, dt, peak)
         host["train/eta_sec"] = dt * (total - step)
         host.pop("train/finite")
         writer.write(step, host)
