@@ -48,7 +48,7 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
         with config.unlocked():
             for axis in ("data", "fsdp", "tensor"):
                 config.mesh[axis] = int(mesh_sizes.get(axis, 1))
-    config_lib.validate(config, len(devices))
+    config_lib.validate(config, len(devices), platform="tpu")  # plans are for accelerators: auto dtype is bf16
     mesh = sharding.mesh_from_config(config.mesh, devices)
     t0 = time.perf_counter()
     setup = make_setup(config, mesh)
