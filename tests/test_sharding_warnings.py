@@ -1,5 +1,7 @@
 """The SPMD partitioner never has to replicate a tensor to reshard it ("involuntary full rematerialization")."""
 
+import pytest
+
 from clipjax import sharding
 from clipjax.config import load_config, validate
 from clipjax.models import towers
@@ -13,6 +15,7 @@ def _compile_demo(devices) -> None:
     compile_train_step(make_setup(c, sharding.mesh_from_config(c.mesh, devices)))
 
 
+@pytest.mark.slow
 def test_fsdp_step_compiles_without_full_rematerialization(devices, capfd, monkeypatch):
     capfd.readouterr()
     _compile_demo(devices)
