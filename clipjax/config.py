@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
         "every": 1000,
         "keep": 3,
         "async_save": True,
-        "init_from": "",  # a checkpoint dir (or workdir) to initialise params from (fine-tuning)
+        "init_from": "",  # checkpoint dir, workdir or OpenCLIP/OpenAI weights file to start params from (fine-tuning)
     })
     c.data = data_config()
     c.evals = evals_config()

@@ -64,7 +64,8 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     else:
         params = None
         if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                          init_logit_bias=config.model.init_logit_bias)
             log.info("initialised params from %s", config.checkpoint.init_from)
         state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
