@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+import optax
 
 from clipjax import checkpoint as ckpt_lib
 from clipjax import hlo_flops
@@ -52,7 +53,6 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     ``devices`` (default: all) restricts the mesh, e.g. to compare meshes in one process.
     """
-    devices = list(devices) if devices is not None else jax.devices()
     setup, checkpointer = run.prepare(config, workdir, devices)
     mesh, is_main = setup.mesh, jax.process_index() == 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
@@ -77,9 +77,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     with progress.phase("compiling the train step"):
         compiled = compile_train_step(setup)
     # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
-    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / len(devices)
+    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / setup.mesh.size
     flops = hlo_flops.compiled_flops(compiled)
-    peak, peak_source = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
+    peak, peak_source = mfu_lib.peak_flops_per_device(setup.mesh.devices.flat[0], config.model.dtype)
     writer.truncate_after(start)
     if is_main:
         log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
@@ -92,6 +92,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         evaluate = Evaluator(config, setup)
 
     total = config.train.steps
+    param_norm = jax.jit(optax.global_norm)
     pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
@@ -126,6 +127,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     for step in range(start, total):
         batch = next(data_iter)
         state, metrics = compiled(state, batch)
+        if (step + 1) % config.train.log_every == 0 or step + 1 == total:
+            # Only on logged steps: a norm is a full pass over the weights, the step stays lean.
+            metrics = dict(metrics, **{"train/param_norm": param_norm(state.params)})
         metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
         window_steps += 1
         if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
