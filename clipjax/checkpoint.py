@@ -24,6 +24,8 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from clipjax.errors import UserError
+
 log = logging.getLogger("clipjax")
 
 # Config fields that change parameter shapes or presence: a checkpoint is only
@@ -32,8 +34,12 @@ SHAPE_KEYS = ("model.size", "model.embed_dim", "model.image", "model.text", "mod
               "loss.kind", "optim.lock_image", "optim.lock_text", "optim.clip_norm")
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(UserError, ValueError):
     """The checkpoint in the workdir was written by a config with other shapes."""
+
+
+class WorkdirError(UserError, PermissionError):
+    """The workdir cannot be created or written."""
 
 
 class DamagedCheckpoint(RuntimeError):
@@ -44,7 +50,7 @@ class DamagedCheckpoint(RuntimeError):
         self.step, self.reason = step, reason
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError, RuntimeError):
     """An (asynchronous) checkpoint save failed: disk full, permissions, a vanished bucket."""
 
 
@@ -98,7 +104,8 @@ def check_workdir_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"workdir {workdir!r} is not a writable directory: {e}") from e
+        raise WorkdirError(f"workdir {workdir!r} is not a writable directory ({e.strerror or e}); "
+                           f"choose another --workdir or fix its permissions") from e
 
 
 def _get(tree: dict, dotted: str) -> Any:

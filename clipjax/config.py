@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import math
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
 from clipjax import sharding
+from clipjax.errors import ConfigError, closest, did_you_mean, one_line
 from clipjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from clipjax.models.sizes import get_size
 from clipjax.models.towers import IMAGE_POOLS, TEXT_POOLS
@@ -37,24 +39,28 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key, sep, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"config argument {key!r} is unknown; known: {sorted(defaults)}")
+            raise ConfigError(f"config argument {key!r} is unknown{did_you_mean(key, defaults)}; "
+                              f"known: {', '.join(sorted(defaults))}")
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+                raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
             out[key] = True
         elif isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key}={value!r}: expected true/false")
+                raise ConfigError(f"config argument {key}={value!r}: expected true/false")
             out[key] = value.lower() in ("true", "1")
-        elif isinstance(default, int):
-            out[key] = int(value)
-        elif isinstance(default, float):
-            out[key] = float(value)
-        elif isinstance(default, str) or default is None:
-            out[key] = value
         else:
-            out[key] = type(default)(ast.literal_eval(value))
+            try:
+                if isinstance(default, (int, float)):
+                    out[key] = type(default)(value)
+                elif isinstance(default, str) or default is None:
+                    out[key] = value
+                else:
+                    out[key] = type(default)(ast.literal_eval(value))
+            except (ValueError, SyntaxError) as e:
+                raise ConfigError(f"config argument {key}={value!r}: expected a value of type {type(default).__name__} "
+                                  f"like {key}={default!r}") from e
     return ml_collections.ConfigDict(out)
 
 
@@ -88,6 +94,21 @@ def _model_config() -> ml_collections.ConfigDict:
         "max_logit_scale": 100.0,
         "init_logit_bias": ph(float),  # derived: -10 for sigmoid, none for softmax
     })
+
+
+# The top-level fields of every config, one line each (clipjax-train --help shows them).
+SECTIONS = {
+    "seed": "random seed of initialisation, data order and augmentation",
+    "model": "towers and head: size (tiny, B/32, B/16, L/14, ...), widths, pooling, dtype, remat",
+    "loss": "kind (softmax CLIP | sigmoid SigLIP) and impl (dense | allgather | chunked | ring)",
+    "mesh": "device mesh sizes: data, fsdp, tensor (one may be -1) and their dcn_* multi-slice factors",
+    "sharding": "rules overriding the logical-axis -> mesh-axis table",
+    "optim": "AdamW (lr, b1, b2, eps, weight_decay), schedule and warmup, clipping, tower lr / locking",
+    "train": "global batch_size, steps, grad_accum, log_every, non-finite skips, report.png",
+    "checkpoint": "save cadence (every), retention (keep), async saves, init_from another run",
+    "data": "training data: source (arrayrecord | tfds | synthetic), path, tokenizer, augmentation, workers",
+    "evals": "named zero-shot / retrieval evaluations and their cadence",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -141,15 +162,108 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``path[:arg]`` and applies ``--config.a.b=VALUE`` overrides, like the CLI."""
+    """Loads ``path[:arg]`` and applies ``--config.a.b=VALUE`` overrides, like the CLI.
+
+    Every mistake is a ``ConfigError`` naming it and the fix: a missing file, an unknown
+    config argument, an unknown field (with the closest valid names), a value of the wrong type.
+    """
     from absl import flags
     from ml_collections import config_flags
 
-    argv = ["clipjax", f"--config={spec}", *overrides]
+    path, colon, arg = spec.partition(":")
+    c = _load_file(path, arg if colon else None)
+    for override in overrides:
+        field = override.lstrip("-").split("=", 1)[0].split(".", 1)[-1]
+        _check_field(c, field)
+    argv = ["clipjax", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
+    config_flags.DEFINE_config_dict("config", c, flag_values=fv, lock_config=True, sys_argv=argv)
+    try:
+        fv(argv)
+    except (flags.Error, TypeError, ValueError) as e:
+        raise ConfigError(_explain_override_error(c, str(e))) from e
     return fv.config
+
+
+def _load_file(path: str, arg: str | None) -> ml_collections.ConfigDict:
+    """Runs the config file's ``get_config(arg)``; its ConfigErrors are prefixed with the file."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        near = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+        hint = did_you_mean(os.path.basename(path), near) or (f"; {folder}/ holds {', '.join(near)}" if near else "")
+        raise ConfigError(f"--config={path}: no such config file{hint}")
+    module_spec = importlib.util.spec_from_file_location(f"clipjax_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"--config={path}: the file defines no get_config(arg=None) function")
+    try:
+        c = module.get_config() if arg is None else module.get_config(arg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}{':' + arg if arg else ''}: {e}") from e
+    if not isinstance(c, ml_collections.ConfigDict):
+        raise ConfigError(f"--config={path}: get_config() returned {type(c).__name__}, not a ConfigDict")
+    return c
+
+
+def field_paths(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted field name of ``c``, sections included (``optim``, ``optim.lr``, ...)."""
+    out = []
+    for key in c.keys():
+        path = prefix + key
+        out.append(path)
+        value = c[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            out += field_paths(value, path + ".")
+    return out
+
+
+def to_text(c: ml_collections.ConfigDict) -> str:
+    """One ``a.b = value`` line per field, sorted: each line reads as a ``--config.a.b=`` override."""
+    leaves = [p for p in field_paths(c) if not isinstance(_get_path(c, p), ml_collections.ConfigDict)]
+    return "\n".join(f"{p} = {_get_path(c, p)!r}" for p in sorted(leaves))
+
+
+def _get_path(c: ml_collections.ConfigDict, path: str) -> Any:
+    for key in path.split("."):
+        c = c[key]
+    return c
+
+
+def _check_field(c: ml_collections.ConfigDict, field: str) -> None:
+    """Raises a ConfigError for an unknown ``field`` (``optim.learning_rate``), naming the closest ones."""
+    paths = field_paths(c)
+    if field in paths:
+        return
+    parent, _, leaf = field.rpartition(".")
+    # The same section first (optim.learning_rate -> optim.lr), then any section (lr -> optim.lr).
+    siblings = [p for p in paths if p.rpartition(".")[0] == parent]
+    hits = [f"{parent}.{h}" if parent else h for h in closest(leaf, [p.rpartition(".")[2] for p in siblings])]
+    if not hits:
+        by_leaf: dict[str, list[str]] = {}
+        for p in paths:
+            by_leaf.setdefault(p.rpartition(".")[2], []).append(p)
+        hits = [p for h in closest(leaf, by_leaf) for p in by_leaf[h]] + closest(field, paths)
+    hint = f"did you mean {' or '.join(dict.fromkeys(hits[:3]))}?" if hits else (
+        f"top-level fields: {', '.join(c.keys())} (clipjax-train --config=FILE --print_config lists all)")
+    raise ConfigError(f"--config.{field}: no such config field; {hint}")
+
+
+def _explain_override_error(c: ml_collections.ConfigDict, message: str) -> str:
+    """One line for a rejected override value: the flag, the expected type and the current value."""
+    import re
+
+    from ml_collections.config_flags import config_path
+
+    m = re.search(r"--config\.([\w.]+)=(.*?): ", message)
+    if not m:
+        return one_line(message)
+    field, value = m.groups()
+    current = config_path.get_value(field, c)
+    kind = type(current).__name__ if current is not None else getattr(config_path.get_type(field, c), "__name__", "?")
+    return f"--config.{field}={value}: expected a value of type {kind} (the config has {field}={current!r})"
 
 
 def _fill(section: ml_collections.ConfigDict, defaults: dict[str, Any]) -> None:
@@ -162,7 +276,7 @@ def _fill(section: ml_collections.ConfigDict, defaults: dict[str, Any]) -> None:
 
 def _check_choice(value: Any, choices: Sequence[Any], key: str) -> None:
     if value not in choices:
-        raise ValueError(f"{key}={value!r}; choose one of {list(choices)}")
+        raise ConfigError(f"{key}={value!r}; choose one of {list(choices)}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
@@ -177,9 +291,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         for tower in ("image", "text"):
             t = m[tower]
             if t.width % t.heads:
-                raise ValueError(f"model.{tower}.width={t.width} is not divisible by model.{tower}.heads={t.heads}")
+                raise ConfigError(f"model.{tower}.width={t.width} is not divisible by model.{tower}.heads={t.heads}")
         if m.image.image_size % m.image.patch_size:
-            raise ValueError(f"model.image.image_size={m.image.image_size} is not divisible by "
+            raise ConfigError(f"model.image.image_size={m.image.image_size} is not divisible by "
                              f"model.image.patch_size={m.image.patch_size}")
         _check_choice(m.image.pool, IMAGE_POOLS, "model.image.pool")
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")
@@ -194,7 +308,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         if m.text.vocab_size is None:
             m.text.vocab_size = tokenizer_vocab or 49408
         elif tokenizer_vocab and m.text.vocab_size < tokenizer_vocab:
-            raise ValueError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
+            raise ConfigError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
                              f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer_vocab})")
         _check_choice(c.loss.kind, LOSS_KINDS, "loss.kind")
         _check_choice(c.loss.impl, LOSS_IMPLS, "loss.impl")
@@ -204,44 +318,72 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         if m.init_logit_bias is None and sigmoid:
             m.init_logit_bias = -10.0
         if m.max_logit_scale <= 0:
-            raise ValueError(f"model.max_logit_scale={m.max_logit_scale} must be positive")
+            raise ConfigError(f"model.max_logit_scale={m.max_logit_scale} must be positive")
 
         o = c.optim
         _check_choice(o.schedule, SCHEDULES, "optim.schedule")
         if o.lock_image and o.lock_text:
-            raise ValueError("optim.lock_image and optim.lock_text are both set: nothing would train")
+            raise ConfigError("optim.lock_image and optim.lock_text are both set: nothing would train")
         for key in ("lr", "eps"):
             if o[key] <= 0:
-                raise ValueError(f"optim.{key}={o[key]} must be positive")
+                raise ConfigError(f"optim.{key}={o[key]} must be positive")
 
         t = c.train
         for key in ("batch_size", "steps", "grad_accum", "log_every", "loss_spike_window"):
             if t[key] <= 0:
-                raise ValueError(f"train.{key}={t[key]} must be positive")
+                raise ConfigError(f"train.{key}={t[key]} must be positive")
         if t.batch_size % t.grad_accum:
-            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         if t.loss_spike_factor < 0 or 0 < t.loss_spike_factor <= 1:
-            raise ValueError(f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1")
+            raise ConfigError(f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1")
         if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
-            raise ValueError("checkpoint.every and checkpoint.keep must be positive")
+            raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
 
-        sharding.rules_from_config(c.sharding.rules)
+        _as_config_error(sharding.rules_from_config, c.sharding.rules)
         if num_devices is not None:
             dcn = {a: c.mesh[f"dcn_{a}"] for a in sharding.MESH_AXES}
             slices = math.prod(dcn.values())
             if num_devices % slices:
-                raise ValueError(f"mesh: {num_devices} devices do not split into {slices} dcn slices")
-            ici = sharding.resolve_mesh_shape({a: c.mesh[a] for a in sharding.MESH_AXES}, num_devices // slices)
+                raise ConfigError(f"mesh: {num_devices} devices do not split into {slices} dcn slices"
+                                  + _device_count_hint(c.mesh))
+            try:
+                ici = sharding.resolve_mesh_shape({a: c.mesh[a] for a in sharding.MESH_AXES}, num_devices // slices)
+            except ValueError as e:
+                raise ConfigError(f"{e}{_device_count_hint(c.mesh)}") from e
             for a in sharding.MESH_AXES:
                 c.mesh[a] = ici[a]
             dp = math.prod(ici[a] * dcn[a] for a in sharding.BATCH_AXES)
             if t.batch_size % (dp * t.grad_accum):
-                raise ValueError(
+                raise ConfigError(
                     f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {dp} "
                     f"(mesh data x fsdp) times train.grad_accum={t.grad_accum}")
         from clipjax.data.config import validate_data_config
         from clipjax.evals.config import validate_evals_config
 
-        validate_data_config(c.data)
-        validate_evals_config(c.evals)
+        _as_config_error(validate_data_config, c.data)
+        _as_config_error(validate_evals_config, c.evals)
     return c
+
+
+def _as_config_error(check: Callable[[Any], None], section: Any) -> None:
+    """Runs a section's validator; its ValueErrors (bad values by contract) become ConfigErrors."""
+    try:
+        check(section)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _device_count_hint(mesh: ml_collections.ConfigDict) -> str:
+    """How to get the devices the mesh asks for (on CPU: simulate them), or to fit the mesh to them."""
+    import jax
+
+    sizes = [mesh[a] * mesh[f"dcn_{a}"] for a in sharding.MESH_AXES]
+    fixed = math.prod(s for s in sizes if s > 0)
+    want = f"{fixed}" if all(s > 0 for s in sizes) else f"a multiple of {fixed}"
+    if jax.default_backend() == "cpu":
+        n = fixed if fixed > 1 else 8
+        return (f"; the mesh needs {want} devices: on CPU simulate them with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (or set --config.mesh.* to fit)")
+    return f"; the mesh needs {want} devices: set --config.mesh.* to fit the devices (one axis may be -1)"

@@ -2,30 +2,157 @@
 
     clipjax-train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.a.b=VALUE ...]
     clipjax-eval  --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N]
+
+Mistakes on the command line or in the config are one line on stderr and exit status 2
+(``clipjax.errors``); ``--verbosity=0`` (or higher) shows tracebacks and library logs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
+from typing import Callable, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:argument].", lock_config=True)
+from clipjax.errors import UserError, run_cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard, reports.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _STEP = flags.DEFINE_integer("step", None, "clipjax-eval: checkpoint step to evaluate (default: latest).")
 
+_HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+_METAVARS = {"workdir": "DIR", "coordinator": "HOST:PORT", "num_processes": "N", "process_id": "I", "step": "N"}
+_FLAGS_OF = {
+    "clipjax-train": ("workdir", "print_config", "coordinator", "num_processes", "process_id"),
+    "clipjax-eval": ("workdir", "step", "print_config", "coordinator", "num_processes", "process_id"),
+}
+_ABOUT = {
+    "clipjax-train": "Trains in WORKDIR, resuming from its latest checkpoint.",
+    "clipjax-eval": "Evaluates a checkpoint in WORKDIR (default: the latest) with the config's evals.",
+}
 
-def _setup() -> None:
+
+@dataclasses.dataclass
+class CommandLine:
+    """What the command line asked for: the config spec, its overrides, the other arguments."""
+
+    prog: str
+    spec: str | None
+    overrides: list[str]
+    args: list[str]
+
+    def config(self):
+        """The config file loaded with its argument and overrides (ConfigError for any mistake)."""
+        from clipjax import config as config_lib
+
+        if not self.spec:
+            raise UserError(f"--config is required, e.g. {self.prog} --config=configs/demo.py --workdir=runs/demo")
+        return config_lib.load_config(self.spec, self.overrides)
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+    """Separates ``--config=SPEC`` and ``--config.a.b=VALUE`` from the other arguments."""
+    spec, overrides, rest = None, [], []
+    it = iter(argv)
+    for arg in it:
+        name = arg.split("=", 1)[0]
+        if name in ("--config", "-config"):
+            spec = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+        elif name.lstrip("-").startswith(("config.", "noconfig.")):
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+    return spec, overrides, rest
+
+
+def _help(prog: str, spec: str | None) -> str:
+    from clipjax import config as config_lib
+
+    rows = [("--config=FILE[:ARG]", "config file and its argument, e.g. configs/demo.py:steps=300"),
+            ("--config.a.b=VALUE", "set one config field (any field that --print_config lists)")]
+    for name in _FLAGS_OF[prog]:
+        flag = flags.FLAGS[name]
+        rows.append((f"--{name}" + ("" if flag.boolean else f"={_METAVARS[name]}"), flag.help))
+    rows.append(("--verbosity=N", "show tracebacks of errors and library logs (absl verbosity)"))
+    lines = [f"usage: {prog} --config=FILE[:ARG] --workdir=DIR [--config.a.b=VALUE ...] [flags]", "",
+             _ABOUT[prog], "", "flags:", *(f"  {flag:<24}{about}" for flag, about in rows)]
+    lines += ["", "config fields (top level):"]
+    lines += [f"  {name:<24}{about}" for name, about in config_lib.SECTIONS.items()]
+    if spec:
+        path = spec.split(":", 1)[0]
+        lines += ["", f"{path}:", *("  " + line for line in _docstring(path).splitlines())]
+    else:
+        lines += ["", f"{prog} --config=FILE --help also shows that file's arguments; "
+                      f"--config=FILE --print_config prints the resolved config."]
+    return "\n".join(lines)
+
+
+def _docstring(path: str) -> str:
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ast.get_docstring(ast.parse(f.read())) or "(no docstring)"
+    except (OSError, SyntaxError) as e:
+        return f"(cannot read: {e})"
+
+
+def _flags_parser(prog: str) -> Callable[[list[str]], CommandLine]:
+    def parse(argv: list[str]) -> CommandLine:
+        spec, overrides, rest = split_config_args(argv[1:])
+        if any(a.split("=", 1)[0] in _HELP_ARGS for a in rest):
+            print(_help(prog, spec))
+            sys.exit(0)
+        flags.FLAGS.unparse_flags()  # a second run in one process (tests) starts from the defaults
+        try:
+            args = flags.FLAGS([prog, *rest])
+        except flags.Error as e:
+            raise UserError(f"{e} (see {prog} --help)") from e
+        return CommandLine(prog, spec, overrides, args[1:])
+
+    return parse
+
+
+def _print_config(config) -> None:
+    from clipjax import config as config_lib
+    from clipjax.errors import ConfigError
+
+    try:
+        config_lib.validate(config)  # derived values (model widths, token ids) filled in
+    except ConfigError as e:
+        print(f"# not valid yet: {e}", file=sys.stderr)
+    print(config_lib.to_text(config))
+
+
+def _check_data(spec: str, config) -> None:
+    """A missing data folder, named with the config argument that sets it."""
+    data = config.data
+    if data.source != "arrayrecord":
+        return
+    path, _, arg = spec.partition(":")
+    if not data.path:
+        arg = ",".join([a for a in arg.split(",") if a] + ["data=/path/to/shards"])
+        raise UserError(f"{path} needs data=DIR (the folder written by clipjax-data convert): "
+                        f"--config={path}:{arg} (or --config.data.path=DIR)")
+    if "://" not in data.path and not os.path.isdir(data.path):
+        raise UserError(f"data.path={data.path}: no such folder; convert data there with clipjax-data convert "
+                        f"or point {path}:data=DIR at the folder of shards")
+
+
+def _setup(cmd: CommandLine) -> None:
     from clipjax import distributed
 
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
+    if cmd.args:
+        raise UserError(f"unexpected arguments: {' '.join(cmd.args)} (flags are --name=VALUE; see {cmd.prog} --help)")
+    if not _WORKDIR.value:
+        raise UserError(f"--workdir is required: {cmd.prog} --config={cmd.spec} --workdir=DIR")
     if not flags.FLAGS["verbosity"].present:
         # Library INFO lines (orbax's per-save chatter) would bury clipjax's own; --verbosity=0 brings them back.
         absl_logging.set_verbosity(absl_logging.WARNING)
@@ -33,27 +160,35 @@ def _setup() -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
-def _train(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _setup()
+def _train(cmd: CommandLine) -> None:
+    config = cmd.config()
+    if _PRINT_CONFIG.value:
+        return _print_config(config)
+    _check_data(cmd.spec, config)
+    _setup(cmd)
     from clipjax import train
 
-    train.train(_CONFIG.value, _WORKDIR.value)
+    train.train(config, _WORKDIR.value)
 
 
-def _eval(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _setup()
+def _eval(cmd: CommandLine) -> None:
+    config = cmd.config()
+    if _PRINT_CONFIG.value:
+        return _print_config(config)
+    _setup(cmd)
     from clipjax.evals import runner
 
-    runner.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
+    runner.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
 
 
-def train_main() -> None:
-    app.run(_train, argv=sys.argv)
+def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.exit(run_cli(prog, lambda a: app.run(body, argv=[prog, *a], flags_parser=_flags_parser(prog)), argv))
 
 
-def eval_main() -> None:
-    app.run(_eval, argv=sys.argv)
+def train_main(argv: Sequence[str] | None = None) -> None:
+    _run("clipjax-train", _train, argv)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> None:
+    _run("clipjax-eval", _eval, argv)

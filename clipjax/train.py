@@ -24,16 +24,17 @@ from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
 from clipjax import preemption
 from clipjax import sharding
+from clipjax.errors import UserError
 from clipjax.train_step import TrainState, compile_train_step, init_state, make_setup
 
 log = logging.getLogger("clipjax")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is intact."""
 
 
-class LossSpikeError(RuntimeError):
+class LossSpikeError(UserError, RuntimeError):
     """The loss jumped far above its running mean (``train.loss_spike_factor``); the run stopped unsaved."""
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from clipjax.data import records
 from clipjax.data.cli import main as cli_main
-from clipjax.data.convert import ConvertOptions, convert_coco, convert_csv, convert_wds, is_unsafe_member
+from clipjax.data.convert import ConvertError, ConvertOptions, convert_coco, convert_csv, convert_wds, is_unsafe_member
 from clipjax.data.images import load_rgb
 from test_images import broken_images, sample_images
 
@@ -73,7 +73,7 @@ def test_csv_tsv_and_column_flags(tmp_path):
     s = convert_csv(str(tmp_path / "d.tsv"), ConvertOptions(out_dir=str(tmp_path / "o")), img_key="img",
                     caption_key="cap")
     assert s["written"] == 1 and read_back(tmp_path / "o")[0].captions == ["a, b"]
-    with pytest.raises(Exception, match="no column"):
+    with pytest.raises(ConvertError, match="no column"):
         convert_csv(str(tmp_path / "d.tsv"), ConvertOptions(out_dir=str(tmp_path / "o2")))
 
 
@@ -88,7 +88,8 @@ def test_resume_after_interruption(tmp_path):
         name = records.shard_name("train", i, 4)
         shutil.copy2(full / name, resumed / name)
         shutil.copy2(full / "_stats" / (name + ".json"), resumed / "_stats" / (name + ".json"))
-    (resumed / (records.shard_name("train", 1, 4) + ".tmp")).write_bytes(b"half a shard")
+    shutil.copy2(full / "_stats" / "train.fingerprint.json", resumed / "_stats" / "train.fingerprint.json")
+    (resumed / (records.shard_name("train", 1, 4) + ".tmp.123")).write_bytes(b"half a shard")
     before = {i: os.stat(resumed / records.shard_name("train", i, 4)).st_mtime_ns for i in (0, 2)}
     s = convert_csv(str(csv_path), ConvertOptions(out_dir=str(resumed), workers=2, **kw))
     assert s["shards_resumed"] == 2
@@ -96,9 +97,9 @@ def test_resume_after_interruption(tmp_path):
     for i in (0, 2):  # finished shards are not rewritten
         assert os.stat(resumed / records.shard_name("train", i, 4)).st_mtime_ns == before[i]
     assert read_back(full) == read_back(resumed)
-    assert not list(resumed.glob("*.tmp"))
+    assert not list(resumed.glob("*.tmp*"))
     # a different layout in the same folder is refused
-    with pytest.raises(Exception, match="another layout"):
+    with pytest.raises(ConvertError, match="changed: source_options.examples_per_shard"):
         convert_csv(str(csv_path), ConvertOptions(out_dir=str(resumed), examples_per_shard=5, max_skip_fraction=0.5))
 
 
@@ -172,7 +173,7 @@ def test_cli_fails_on_too_many_skips(tmp_path, capsys):
     csv_path = make_csv_dataset(tmp_path)
     out = tmp_path / "out"
     rc = cli_main(["convert", "csv", "--csv", str(csv_path), "--out", str(out), "--examples_per_shard", "8"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "max_skip_fraction" in err and "40.0%" in err
     summary = json.loads((out / "train-summary.json").read_text())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from clipjax.errors import UserError, did_you_mean, run_cli
+
 SUITES = {
     "loss": "clipjax.bench.loss",
     "data": "clipjax.bench.data",
@@ -17,11 +19,20 @@ SUITES = {
 }
 
 
+USAGE = "usage: clipjax-bench {" + ",".join(SUITES) + "} [flags]  (SUITE --help for its flags)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
-        print("usage: clipjax-bench {" + ",".join(SUITES) + "} [flags]  (SUITE --help for its flags)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    """Runs the command line; returns the exit status (2 with one line on stderr for a user error)."""
+    return run_cli("clipjax-bench", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in SUITES:
+        raise UserError(f"unknown suite {argv[0]!r}{did_you_mean(argv[0], SUITES)} ({USAGE})")
     module = importlib.import_module(SUITES[argv[0]])
     return int(module.main(argv[1:]) or 0)
 

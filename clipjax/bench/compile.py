@@ -15,13 +15,13 @@ the large activations are the same sizes.
 
 from __future__ import annotations
 
-import argparse
 
 from clipjax.bench import simulated_cpu_devices
+from clipjax.errors import ArgumentParser
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="clipjax-bench compile", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config path[:arg], as for clipjax-train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override without the --config. prefix (repeatable), e.g. loss.impl=ring")

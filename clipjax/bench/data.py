@@ -16,7 +16,6 @@ that load from other jobs on a shared machine does not distort.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from clipjax.data import records
+from clipjax.errors import ArgumentParser
 
 
 def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
@@ -94,7 +94,7 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="clipjax-bench data", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="clipjax-bench data", description=__doc__.splitlines()[0])
     p.add_argument("--num_images", type=int, default=300)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--width", type=int, default=500, help="source JPEG size (a third are portrait)")

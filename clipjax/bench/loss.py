@@ -12,10 +12,10 @@ up to ``--time_max_batch`` are also run and timed (median of ``--repeats``).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from clipjax.bench import simulated_cpu_devices
+from clipjax.errors import ArgumentParser
 
 
 def _csv(kind):
@@ -23,7 +23,7 @@ def _csv(kind):
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="clipjax-bench loss", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench loss", description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (the batch axis)")
     p.add_argument("--batch", type=_csv(int), default=[8192, 32768], help="global batch sizes, comma-separated")
     p.add_argument("--dim", type=int, default=512, help="embedding width D")

@@ -34,6 +34,7 @@ from PIL import Image
 from clipjax.data import images as images_lib
 from clipjax.data import sources as sources_lib
 from clipjax.data import transforms
+from clipjax.errors import UserError
 
 log = logging.getLogger("clipjax.data")
 
@@ -50,7 +51,7 @@ _DATASET_OPTIONS = grain.experimental.DatasetOptions(min_shm_size=1 << 16)
 _SYNC_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # one core per worker, no reordering
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The input pipeline cannot go on (e.g. too many undecodable images)."""
 
 

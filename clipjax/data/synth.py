@@ -16,7 +16,6 @@ format) and ``info.json`` (written last: a folder without it is incomplete).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipjax.data import records
+from clipjax.errors import ArgumentParser
 
 SPLIT_TRAIN = "train"
 SPLIT_HELDOUT = "heldout"
@@ -250,7 +250,7 @@ def main(argv: list[str]) -> int:
     from clipjax.data.config import synth_config
 
     d = synth_config()
-    p = argparse.ArgumentParser(prog="clipjax-data synth", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="clipjax-data synth", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write the shards and info.json into")
     p.add_argument("--num_train", type=int, default=d.num_train)
     p.add_argument("--num_heldout", type=int, default=d.num_heldout)

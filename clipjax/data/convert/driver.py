@@ -1,0 +1,103 @@
+"""Runs a conversion's shard tasks (in this process, a process pool, or Beam) and writes the summary.
+
+The summary ``<out>/<split>-summary.json`` is built from the per-shard statistics files,
+so it covers shards written by earlier (interrupted) runs and by any runner alike.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Sequence
+
+from etils import epath
+
+from clipjax.data.convert import fingerprint as fingerprint_lib
+from clipjax.data.convert.example import ShardStats
+from clipjax.data.convert.labels import ClassNames
+from clipjax.data.convert.options import ConvertError, ConvertOptions
+from clipjax.data.convert.shards import ShardTask, is_done, read_stats, run_task, split_files
+
+
+def _run_task(args: tuple[ShardTask, ConvertOptions]) -> None:
+    run_task(*args)
+
+
+def _run_local(todo: list[ShardTask], opts: ConvertOptions) -> None:
+    if opts.workers > 1 and len(todo) > 1:
+        # spawn, not fork: the caller may hold threads (JAX, grain) that fork would copy mid-state.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(opts.workers, len(todo)), mp_context=ctx) as pool:
+            for _ in pool.map(_run_task, [(t, opts) for t in todo]):
+                pass
+    else:
+        for t in todo:
+            run_task(t, opts)
+
+
+def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerprint: dict[str, Any], *,
+        classes: ClassNames | None = None, runner: str | None = None,
+        beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Writes the shards not yet done (``runner``: a Beam runner name, else this process/a pool),
+    then the summary (returned). ``classes`` is written once the output folder is accepted."""
+    fingerprint = {"source": source, "options": opts.output_affecting(), **fingerprint}
+    fingerprint_lib.prepare_output(opts, fingerprint)
+    if classes is not None:
+        classes.write()
+    for stale in split_files(opts, temporary_only=True):  # left by an interrupted or failed run
+        stale.unlink(missing_ok=True)
+    t0 = time.time()
+    todo = [t for t in tasks if not is_done(opts, t)]
+    if runner:
+        from clipjax.data.convert import beam
+
+        beam.run_tasks(todo, opts, runner, beam_args)
+    else:
+        _run_local(todo, opts)
+    for stale in split_files(opts, temporary_only=True):  # from retried or duplicated Beam bundles
+        stale.unlink(missing_ok=True)
+    return _summarise(tasks, opts, source, resumed=len(tasks) - len(todo), seconds=time.time() - t0,
+                      runner=runner or "local", classes=len(classes.names) if classes is not None else 0)
+
+
+def _summarise(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, *, resumed: int, seconds: float,
+               runner: str, classes: int) -> dict[str, Any]:
+    total = ShardStats()
+    for t in tasks:
+        total.add(read_stats(opts, t))
+    skipped = sum(total.skipped.values())
+    seen = total.written + skipped
+    summary = {
+        "source": source, "split": opts.split, "out_dir": opts.out_dir if "://" in opts.out_dir
+        else os.path.abspath(opts.out_dir),
+        "written": total.written, "labelled": total.labelled, "classes": classes,
+        "skipped": {r: total.skipped[r] for r in sorted(total.skipped)},
+        "skipped_total": skipped, "skip_fraction": skipped / seen if seen else 0.0,
+        "reencoded": total.reencoded, "captions_truncated": total.captions_truncated,
+        "captions_dropped": total.captions_dropped, "shards": len(tasks), "shards_resumed": resumed,
+        "runner": runner, "seconds": round(seconds, 3),
+    }
+    summary["ok"] = summary["skip_fraction"] <= opts.max_skip_fraction
+    out = epath.Path(opts.out_dir)
+    tmp = out / f"{opts.split}-summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / f"{opts.split}-summary.json")
+    if opts.skipped_report:
+        lines = [json.dumps({"key": k, "input": i, "reason": r, "detail": d}) + "\n"
+                 for k, i, r, d in total.skipped_inputs]
+        epath.Path(opts.skipped_report).write_text("".join(lines))
+    return summary
+
+
+def report(summary: dict[str, Any], max_skip_fraction: float) -> None:
+    """Prints the summary; raises ``ConvertError`` when too much was skipped."""
+    print(json.dumps(summary, indent=2))
+    if not summary["ok"]:
+        raise ConvertError(
+            f"skipped {summary['skipped_total']} of {summary['written'] + summary['skipped_total']} inputs "
+            f"({summary['skip_fraction']:.1%} > --max_skip_fraction {max_skip_fraction:.1%}): {summary['skipped']}. "
+            f"The shards are written; see {summary['out_dir']}/{summary['split']}-summary.json"
+        )
