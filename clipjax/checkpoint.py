@@ -42,7 +42,7 @@ class WorkdirError(UserError, PermissionError):
     """The workdir cannot be created or written."""
 
 
-class DamagedCheckpoint(RuntimeError):
+class DamagedCheckpoint(UserError, RuntimeError):
     """A checkpoint step whose files cannot be read, although its layout matches this config."""
 
     def __init__(self, step: int, reason: str):
@@ -80,8 +80,8 @@ def _all_processes(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-class KeepBefore:
-    """Orbax preservation policy: never delete the pinned steps (the last good one before a divergence)."""
+class PinnedSteps:
+    """Orbax preservation policy: keeps the pinned steps (the newest good one before a divergence)."""
 
     def __init__(self) -> None:
         self.steps: set[int] = set()
@@ -156,6 +156,20 @@ class _QuietOrbaxFailures(logging.Filter):
 _QUIET_ORBAX = _QuietOrbaxFailures()
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, kept off JAX's preemption sync counter (clipjax.preemption owns it).
+
+    Orbax asks ``reached_preemption(step)`` at save time and again from its finalize
+    thread for an older step; each call sets this process's counter to that step, so
+    a notice landing just then would pick a sync step some process has already passed.
+    Saves are decided by the loop (always ``force=True``), so orbax never needs the answer.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
 class Checkpointer:
     """Saves and restores ``{"state", "data", "config"}`` under ``WORKDIR/checkpoints``."""
 
@@ -163,12 +177,12 @@ class Checkpointer:
                  config_json: str | None = None):
         self.every = int(every)
         self.config_json = config_json
-        self.pinned = KeepBefore()
+        self.pinned = PinnedSteps()
         preservation = checkpoint_managers.AnyPreservationPolicy(
             [checkpoint_managers.LatestN(n=int(keep)), self.pinned])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation, enable_async_checkpointing=bool(async_save), create=True)
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        self.manager = _Manager(checkpoint_dir(workdir), options=options)
         self._saving: int | None = None  # step of the save in flight, for error messages
         logging.getLogger("absl").addFilter(_QUIET_ORBAX)  # adding the same filter twice is a no-op
 
@@ -241,6 +255,8 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - sorted below into damage or incompatibility
+            if not (self.manager.directory / str(step) / "state").exists():
+                raise DamagedCheckpoint(step, "its state/ folder is missing") from e
             mismatch = self._layout_mismatch(step, abstract_state)
             if mismatch:
                 raise IncompatibleCheckpoint(
@@ -250,18 +266,16 @@ class Checkpointer:
         return restored["state"], restored.get("data") if data_args is not None else None
 
     def _layout_mismatch(self, step: int, abstract_state: Any) -> str | None:
-        """How the saved state's tree and shapes differ from ``abstract_state`` (None: they agree).
+        """How the saved state's tree and shapes differ from ``abstract_state``.
 
-        Raises DamagedCheckpoint when the layout itself cannot be read: a checkpoint
-        whose layout matches but whose arrays do not load is damaged, not incompatible.
+        None when they agree or when the layout itself cannot be read: either way
+        the checkpoint is damaged, not written by another model.
         """
         path = self.manager.directory / str(step) / "state"
-        if not path.exists():
-            raise DamagedCheckpoint(step, f"{path} is missing")
         try:
             saved = _leaf_shapes(ocp.StandardCheckpointer().metadata(path).item_metadata.tree)
-        except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
-            raise DamagedCheckpoint(step, _first_line(e)) from e
+        except Exception:  # noqa: BLE001 - unreadable (or absent) metadata is damage
+            return None
         wanted = _leaf_shapes(abstract_state)
         diffs = [f"{'.'.join(k)}: checkpoint {saved.get(k)} vs config {wanted.get(k)}"
                  for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]

@@ -124,10 +124,11 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         maxlen=config.train.loss_spike_window)
     skipping = False  # inside a run of non-finite steps: nothing is saved
 
-    def newest_saved() -> str:
-        newest = checkpointer.manager.latest_step()
-        return (f"step {newest} in {workdir}/checkpoints" if newest is not None
-                else f"the start (no checkpoint in {workdir}/checkpoints)")
+    def newest_saved(before: int | None = None) -> str:
+        """The newest checkpoint (older than step ``before``), said as a place to restart from."""
+        steps = [s for s in checkpointer.manager.all_steps() if before is None or s < before]
+        return (f"step {max(steps)} in {workdir}/checkpoints" if steps
+                else f"scratch (no such checkpoint in {workdir}/checkpoints)")
 
     def handle(step: int, metrics: dict, force_log: bool = False) -> None:
         nonlocal window_start, window_steps, skipping
@@ -151,10 +152,12 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             mean = sum(recent_losses) / max(len(recent_losses), 1)
             if len(recent_losses) == recent_losses.maxlen and loss > spike_factor * mean:
                 checkpointer.wait()
+                # The loss of step N measures the weights updated by step N-1: those are suspect too.
                 raise LossSpikeError(
                     f"step {step}: loss {loss:.4g} is over train.loss_spike_factor={spike_factor:g} times its mean "
-                    f"{mean:.4g} over the previous {len(recent_losses)} steps; stopped without saving; restart from "
-                    f"{newest_saved()}, e.g. with a lower optim.lr")
+                    f"{mean:.4g} over the previous {len(recent_losses)} steps, measured on the weights of step "
+                    f"{step - 1}; stopped without saving; restart from {newest_saved(before=step - 1)}, "
+                    f"e.g. with a lower optim.lr")
             recent_losses.append(loss)
         if step % config.train.log_every and not force_log:
             return
