@@ -1,5 +1,5 @@
-# Two commands do all the set-up: `make demo` and `make test`.
-# Each creates .venv and installs clipjax into it on first use.
+# `make install` sets up .venv; `make demo` and `make test` do that set-up themselves on first use.
+# `make tensorboard` serves WORKDIR's curves (default: the demo's), installing TensorBoard on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 BPE := .cache/bpe_simple_vocab_16e6.txt.gz
 OPEN_CLIP_WHEEL := open-clip-torch==3.3.0
 DEMO_DIR ?= workdirs/demo
+WORKDIR ?= $(DEMO_DIR)
+TB_PORT ?= 6006
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test install bpe clean
+.PHONY: demo test install bpe tensorboard clean
 
 install: $(STAMP)
 
@@ -32,6 +34,13 @@ bpe: $(STAMP) $(BPE)
 demo: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)" JAX_PLATFORMS=cpu \
 	$(BIN)/clipjax-train --config=configs/demo.py --workdir=$(DEMO_DIR)
+
+# TensorBoard is an optional extra (it pulls in grpcio, werkzeug, markdown): installed on first use only.
+$(BIN)/tensorboard: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[tensorboard]'
+
+tensorboard: $(BIN)/tensorboard
+	$(BIN)/tensorboard --logdir=$(WORKDIR) --port=$(TB_PORT)
 
 test: $(STAMP) $(BPE)
 	CLIPJAX_BPE_PATH=$(abspath $(BPE)) $(BIN)/python -m pytest $(PYTEST_ARGS) tests

@@ -276,7 +276,8 @@ def _fill(section: ml_collections.ConfigDict, defaults: dict[str, Any]) -> None:
 
 def _check_choice(value: Any, choices: Sequence[Any], key: str) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}={value!r}; choose one of {list(choices)}")
+        hint = did_you_mean(value, [str(c) for c in choices]) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
@@ -287,6 +288,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     """
     with c.unlocked():
         m = c.model
+        from clipjax.models.sizes import SIZES
+
+        _check_choice(m.size, list(SIZES), "model.size")
         _fill(m, {k: v for k, v in get_size(m.size).items()})
         for tower in ("image", "text"):
             t = m[tower]
@@ -380,6 +384,8 @@ def _device_count_hint(mesh: ml_collections.ConfigDict) -> str:
     import jax
 
     sizes = [mesh[a] * mesh[f"dcn_{a}"] for a in sharding.MESH_AXES]
+    if sum(s < 0 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        return ""  # the sizes themselves are wrong, whatever the devices
     fixed = math.prod(s for s in sizes if s > 0)
     want = f"{fixed}" if all(s > 0 for s in sizes) else f"a multiple of {fixed}"
     if jax.default_backend() == "cpu":

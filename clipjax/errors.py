@@ -59,8 +59,15 @@ def wants_traceback(argv: Sequence[str]) -> bool:
 
 
 def run_cli(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Runs ``main(argv)`` and returns its exit status; a ``UserError`` becomes one line on stderr."""
+    """Runs ``main(argv)`` and returns its exit status; a ``UserError`` becomes one line on stderr.
+
+    stdout is flushed at every newline, also when it is a file or a pipe (a log a person
+    tails, a job scheduler): progress must appear as it happens, not a buffer later.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
     try:
         return int(main(argv) or 0)
     except BrokenPipeError:  # `clipjax-train --help | head`: the reader left; not an error worth a traceback

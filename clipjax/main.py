@@ -60,12 +60,14 @@ class CommandLine:
 def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
     """Separates ``--config=SPEC`` and ``--config.a.b=VALUE`` from the other arguments."""
     spec, overrides, rest = None, [], []
-    it = iter(argv)
-    for arg in it:
+    it = iter(enumerate(argv))
+    for i, arg in it:
         name = arg.split("=", 1)[0]
         if name in ("--config", "-config"):
-            spec = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            spec = arg.split("=", 1)[1] if "=" in arg else next(it, (None, None))[1]
         elif name.lstrip("-").startswith(("config.", "noconfig.")):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                arg = f"{arg}={next(it)[1]}"  # --config.a.b VALUE
             overrides.append(arg)
         else:
             rest.append(arg)

@@ -1,13 +1,15 @@
 """A one-page PNG of a run's curves, from ``WORKDIR/metrics.jsonl``.
 
-``write_report(workdir)`` draws up to five panels (each only when it has data):
-training loss; logit scale (and bias, on its own axis); accuracies (in-batch
-``train/*acc*``, ``zeroshot/*/top1``, ``retrieval/*``); throughput with MFU on
-a second axis; learning rate. Writes ``WORKDIR/report.png`` and returns its path.
+``write_report(workdir)`` draws one panel per question, each only when it has data:
+training loss; logit scale from 0 (SigLIP bias on its own right axis); in-batch training
+accuracy; evaluation (zero-shot top-1/top-5, retrieval recalls); throughput in samples/s;
+MFU in percent; learning rate. It writes ``WORKDIR/report.png`` and returns its path.
+``make_figure(rows)`` builds the same figure without saving it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -17,10 +19,63 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 
 from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from clipjax.metrics import iter_series, read_metrics  # noqa: E402
 
 REPORT_FILE = "report.png"
+
+
+def _last(k: str) -> str:
+    return k.rsplit("/", 1)[-1]
+
+
+def _is_loss(k: str) -> bool:
+    return k.startswith("train/") and _last(k).startswith("loss")
+
+
+def _is_scale(k: str) -> bool:
+    return k.startswith("train/") and _last(k) in ("scale", "logit_scale", "temperature")
+
+
+def _is_bias(k: str) -> bool:
+    return k.startswith("train/") and _last(k) in ("bias", "logit_bias")
+
+
+def _is_train_accuracy(k: str) -> bool:
+    return k.startswith("train/") and "acc" in _last(k)
+
+
+def _is_eval_metric(k: str) -> bool:
+    return ((k.startswith("zeroshot/") and _last(k) in ("top1", "top5"))
+            # recalls only: ranks, counts and similarities live on other scales
+            or (k.startswith("retrieval/") and "_r" in _last(k) and "rank" not in _last(k)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One subplot: which keys go on the left (and right) axis and how the axis reads."""
+
+    title: str
+    left: Callable[[str], bool]
+    ylabel: str
+    right: Callable[[str], bool] = lambda k: False
+    ylabel_right: str = ""
+    from_zero: bool = False  # the axis starts at 0, so a drift of a few percent is not magnified into a cliff
+    unit_interval: bool = False  # fractions, drawn on [0, 1]
+    percent: bool = False  # fractions, drawn as percent
+    markers: bool = False  # sparse curves (evaluations) get a marker per point
+
+
+PANELS = (
+    Panel("training loss", _is_loss, "loss"),
+    Panel("logit scale", _is_scale, "scale (exp of the learnable log-scale)", _is_bias, "bias", from_zero=True),
+    Panel("in-batch accuracy (train)", _is_train_accuracy, "top-1 in the batch", unit_interval=True),
+    Panel("evaluation", _is_eval_metric, "accuracy / recall", unit_interval=True, markers=True),
+    Panel("throughput", lambda k: _last(k) == "samples_per_sec", "samples/s", from_zero=True),
+    Panel("MFU", lambda k: _last(k) == "mfu", "model FLOPs utilisation (%)", from_zero=True, percent=True),
+    Panel("learning rate", lambda k: _last(k) == "lr", "learning rate"),
+)
 
 
 def _keys(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -34,92 +89,69 @@ def _keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def _has_data(series: tuple[list[int], list[float]]) -> bool:
-    return any(math.isfinite(v) for v in series[1])
-
-
-def _select(keys: list[str], pred: Callable[[str], bool]) -> list[str]:
-    return [k for k in keys if pred(k)]
-
-
-def _is_loss(k: str) -> bool:
-    return k.startswith("train/") and k.rsplit("/", 1)[-1].startswith("loss")
-
-
-def _is_scale(k: str) -> bool:
-    return k.startswith("train/") and k.rsplit("/", 1)[-1] in ("scale", "logit_scale", "temperature")
-
-
-def _is_bias(k: str) -> bool:
-    return k.startswith("train/") and k.rsplit("/", 1)[-1] in ("bias", "logit_bias")
-
-
-def _is_accuracy(k: str) -> bool:
-    last = k.rsplit("/", 1)[-1]
-    return ((k.startswith("train/") and "acc" in last)
-            or (k.startswith("zeroshot/") and last == "top1")
-            # recalls only: ranks, counts and similarities live on other scales
-            or (k.startswith("retrieval/") and "_r" in last and "rank" not in last))
-
-
-def _plot(ax, rows, keys: list[str], marker_if_sparse: bool = True) -> bool:
-    drawn = False
+def _series(rows, keys: list[str]) -> list[tuple[str, list[int], list[float]]]:
+    """(key, steps, values) of each key that has at least one finite value."""
+    out = []
     for k in keys:
         steps, values = iter_series(rows, k)
-        if not _has_data((steps, values)):
-            continue
-        marker = "o" if marker_if_sparse and len(steps) <= 30 else None
+        if any(math.isfinite(v) for v in values):
+            out.append((k, steps, values))
+    return out
+
+
+def _draw(ax, series, panel: Panel) -> None:
+    for k, steps, values in series:
+        if panel.percent:
+            values = [100 * v for v in values]
+        marker = "o" if panel.markers and len(steps) <= 30 else None
         ax.plot(steps, values, label=k, marker=marker, markersize=3, linewidth=1.2)
-        drawn = True
-    return drawn
+    if panel.unit_interval:
+        ax.set_ylim(0, 1.02)
+    elif panel.from_zero:
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.1, 1e-9))  # headroom for the legend
+
+
+def make_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
+    """The report figure for ``rows`` of a ``metrics.jsonl``; close it with ``plt.close(fig)``."""
+    keys = _keys(rows)
+    panels = [(p, _series(rows, [k for k in keys if p.left(k)]), _series(rows, [k for k in keys if p.right(k)]))
+              for p in PANELS]
+    panels = [(p, left, right) for p, left, right in panels if left or right]
+    ncols = 1 if len(panels) <= 1 else 2
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.4 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (panel, left, right) in zip(flat, panels):
+        _draw(ax, left, panel)
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        if left:
+            ax.legend(loc="lower left" if panel.from_zero else "best", fontsize=7)
+        if right:
+            ax2 = ax.twinx()
+            ax2.set_prop_cycle(color=["tab:red", "tab:purple"])
+            _draw(ax2, right, dataclasses.replace(panel, from_zero=False))
+            ax2.set_ylabel(panel.ylabel_right, color="tab:red")
+            ax2.tick_params(axis="y", colors="tab:red")
+            ax2.legend(loc="lower right", fontsize=7)
+    for ax in flat[len(panels):]:
+        ax.axis("off")
+    if not panels:
+        flat[0].text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
+    steps = [r["step"] for r in rows if isinstance(r.get("step"), (int, float))]
+    fig.suptitle(title + (f" (step {max(steps)})" if steps else ""))
+    fig.tight_layout()
+    return fig
 
 
 def write_report(workdir: str, rows: Sequence[dict[str, Any]] | None = None) -> str:
     """Reads ``WORKDIR/metrics.jsonl`` (or uses ``rows``), writes ``WORKDIR/report.png``; returns the path."""
     rows = list(read_metrics(workdir) if rows is None else rows)
-    keys = _keys(rows)
-    last = lambda k: k.rsplit("/", 1)[-1]
-    # (title, left keys, left label, right keys, right label, markers on sparse curves)
-    specs = [
-        ("training loss", _select(keys, _is_loss), "loss", [], "", False),
-        ("logit scale / bias", _select(keys, _is_scale), "scale", _select(keys, _is_bias), "bias", False),
-        ("accuracy", _select(keys, _is_accuracy), "accuracy", [], "", True),
-        ("throughput", _select(keys, lambda k: k.endswith("samples_per_sec")), "samples/s",
-         _select(keys, lambda k: last(k) == "mfu"), "MFU", False),
-        ("learning rate", _select(keys, lambda k: last(k) == "lr"), "learning rate", [], "", False),
-    ]
-    has = lambda ks: any(_has_data(iter_series(rows, k)) for k in ks)
-    panels = [s for s in specs if has(s[1]) or has(s[3])]
-
     path = os.path.join(workdir, REPORT_FILE)
-    n = len(panels)
-    ncols = 1 if n <= 1 else 2
-    nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), squeeze=False)
+    fig = make_figure(rows, title=os.path.basename(os.path.abspath(workdir)))
     try:
-        flat = list(axes.flat)
-        for ax, (title, left, ylabel, right, ylabel2, markers) in zip(flat, panels):
-            _plot(ax, rows, left, markers)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(loc="upper left", fontsize=7)
-            if has(right):
-                ax2 = ax.twinx()
-                ax2.set_prop_cycle(color=["tab:red", "tab:purple", "tab:green"])
-                _plot(ax2, rows, right, markers)
-                ax2.set_ylabel(ylabel2)
-                ax2.legend(loc="lower right", fontsize=7)
-        for ax in flat[n:]:
-            ax.axis("off")
-        if not panels:
-            flat[0].text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
-        steps = [r["step"] for r in rows if isinstance(r.get("step"), (int, float))]
-        title = os.path.basename(os.path.abspath(workdir))
-        fig.suptitle(title + (f" (step {max(steps)})" if steps else ""))
-        fig.tight_layout()
         os.makedirs(workdir, exist_ok=True)
         fig.savefig(path, dpi=100)
     finally:

@@ -45,6 +45,9 @@ def test_closest_names_by_spelling_and_initials():
     (["--config.mesh.data=3"], ["XLA_FLAGS=--xla_force_host_platform_device_count=6"]),
     (["--config.evals.synthetic_zeroshot.classnames=/nonexistent/classes.txt"],
      ["classnames='/nonexistent/classes.txt'", "no such file"]),
+    (["--config.model.size=B/61"], ["model.size='B/61' is not one of", "did you mean B/16"]),
+    (["--config.loss.impl=rings"], ["loss.impl='rings'", "did you mean ring?"]),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], ["at most one axis may be -1"]),
     (["--workdri=x"], ["'workdri'", "workdir"]),
     (["extra"], ["unexpected arguments: extra"]),
 ])
@@ -101,7 +104,7 @@ def test_help_lists_flags_and_config_fields(capsys):
 
 def test_print_config_shows_overrides_and_derived_values(tmp_path, capsys):
     code, out, _ = run_in_process(
-        train_main, [f"--config={DEMO}:smoke,data={tmp_path}", "--config.optim.lr=0.25", "--print_config"], capsys)
+        train_main, ["--config", f"{DEMO}:smoke,data={tmp_path}", "--config.optim.lr", "0.25", "--print_config"], capsys)
     assert code == 0
     assert "optim.lr = 0.25\n" in out
     assert "model.text.eot_id = 2\n" in out  # derived from data.tokenizer=bytes by validate()

@@ -22,12 +22,15 @@ def _csv(root, body: bytes, name="d.csv"):
     return str(root / name)
 
 
-def test_rerun_with_changed_input_or_options_refuses_or_overwrites(tmp_path, capsys):
+def test_rerun_with_changed_input_or_options_refuses_or_overwrites(tmp_path, capsys, monkeypatch):
     path = _csv(tmp_path, b"filepath,title\nx.jpg,first\n")
     out = str(tmp_path / "out")
     args = ["convert", "csv", "--csv", path, "--out", out]
     assert cli_main(args) == 0 and json.loads(capsys.readouterr().out)["shards_resumed"] == 0
     assert cli_main(args) == 0 and json.loads(capsys.readouterr().out)["shards_resumed"] == 1  # same: resumed
+    monkeypatch.chdir(tmp_path)  # the same file named by a relative path is the same input
+    assert cli_main(["convert", "csv", "--csv", "d.csv", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_resumed"] == 1
     _csv(tmp_path, b"filepath,title\nx.jpg,first\ny.jpg,second\n")  # the input changes
     assert cli_main(args) == 2
     err = capsys.readouterr().err

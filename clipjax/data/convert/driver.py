@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Sequence
@@ -38,12 +39,27 @@ def _run_local(todo: list[ShardTask], opts: ConvertOptions) -> None:
             run_task(t, opts)
 
 
+def _run_beam(todo: list[ShardTask], opts: ConvertOptions, runner: str, beam_args: Sequence[str]) -> None:
+    from clipjax.data.convert import beam
+
+    metrics = beam.run_tasks(todo, opts, runner, beam_args)
+    written = ShardStats()
+    for t in todo:
+        written.add(read_stats(opts, t))
+    expected = {k: v for k, v in beam.metrics_of(written).items() if v}
+    if {k: v for k, v in metrics.items() if v} != expected:  # e.g. a runner that reports attempted counts only
+        print(f"warning: {runner} metrics {metrics} differ from the shards' statistics {expected}; "
+              "the summary uses the statistics", file=sys.stderr)
+
+
 def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerprint: dict[str, Any], *,
         classes: ClassNames | None = None, runner: str | None = None,
         beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Writes the shards not yet done (``runner``: a Beam runner name, else this process/a pool),
     then the summary (returned). ``classes`` is written once the output folder is accepted."""
-    fingerprint = {"source": source, "options": opts.output_affecting(), **fingerprint}
+    # The kind only: the inputs' resolved paths are in `fingerprint`, so a relative path typed from
+    # another folder still resumes.
+    fingerprint = {"source": source.split(":", 1)[0], "options": opts.output_affecting(), **fingerprint}
     fingerprint_lib.prepare_output(opts, fingerprint)
     if classes is not None:
         classes.write()
@@ -52,9 +68,7 @@ def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerpri
     t0 = time.time()
     todo = [t for t in tasks if not is_done(opts, t)]
     if runner:
-        from clipjax.data.convert import beam
-
-        beam.run_tasks(todo, opts, runner, beam_args)
+        _run_beam(todo, opts, runner, beam_args)
     else:
         _run_local(todo, opts)
     for stale in split_files(opts, temporary_only=True):  # from retried or duplicated Beam bundles
