@@ -54,7 +54,7 @@ class CheckpointSaveError(UserError, RuntimeError):
     """An (asynchronous) checkpoint save failed: disk full, permissions, a vanished bucket."""
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
+def _first_line(error: BaseException, limit: int = 1000) -> str:
     """The gist of a storage error: tensorstore appends kilobytes of spec JSON after the cause."""
     text = str(error).split(" [tensorstore_spec", 1)[0].strip().splitlines()
     text = text[0] if text else type(error).__name__
