@@ -192,13 +192,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first (``<step>.damaged`` folders are not steps)."""
         self.manager.reload()
         return list(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, step: int, state: Any, data_args: Any = None, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_args: Any = None) -> bool:
         """Starts an (asynchronous) save of ``state`` and the data iterator at ``step``."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_args is not None:
@@ -208,7 +209,6 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         # The caller's cadence (should_save, SIGTERM, the last step) decides; orbax always writes.
-        del force
         self.check()
         self._saving = step
         try:
@@ -313,6 +313,14 @@ class Checkpointer:
         self.manager.reload()
         log.warning("checkpoint step %d is damaged (%s); moved to %s, trying the previous step", step, reason, target)
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the params of ``step`` (evaluation, export), onto ``abstract_params``'s shardings."""
+        if self.config_json is not None:
+            saved = self.saved_config(step)
+            if saved is not None:
+                check_compatible(saved, self.config_json)
+        return load_params(os.path.join(str(self.manager.directory), str(step)), abstract_params)
+
     def data_states(self, step: int) -> list[dict[str, Any]]:
         """The data iterator states saved at ``step``, one per process that wrote them."""
         folder = self.manager.directory / str(step) / "data"  # an epath: local disk or a bucket
@@ -326,12 +334,6 @@ class Checkpointer:
             names = sorted(p.name for p in folder.iterdir())
             raise DamagedCheckpoint(step, f"{folder}: data iterator files do not form one set: {names}")
         return [found[i][1] for i in sorted(found)]
-
-    def read_params(self, step: int) -> Any:
-        """The saved params of ``step`` as host numpy arrays (for inspection and tests)."""
-        path = os.path.join(str(self.manager.directory), str(step), "state")
-        tree = ocp.StandardCheckpointer().restore(path)
-        return tree["params"]
 
     def wait(self) -> None:
         try:
@@ -359,8 +361,19 @@ def _state_dir(path: str) -> str:
     raise FileNotFoundError(f"checkpoint.init_from={path!r}: no complete checkpoint found there")
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-    """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings."""
+def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | None = None) -> Any:
+    """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings.
+
+    ``path`` may also be an OpenCLIP/OpenAI weights file (``.safetensors``, ``.bin``, ``.pt``);
+    a logit bias the file lacks starts at ``init_logit_bias``.
+    """
+    if os.path.isfile(path):
+        from clipjax.interop import openclip
+
+        try:
+            return openclip.load_params(path, abstract_params, init_logit_bias=init_logit_bias)
+        except openclip.WeightsError as e:
+            raise IncompatibleCheckpoint(f"checkpoint.init_from={path!r}: {e}") from e
     state_dir = _state_dir(path)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                                dtype=a.dtype), abstract_params)

@@ -17,15 +17,16 @@ from typing import Any, Callable, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from clipjax import sharding
+from clipjax import losses, optim, sharding
+from clipjax.data.config import data_config, validate_data_config
+from clipjax.data.tokenizer import TOKENIZERS
+from clipjax.data.transforms import ImageOptions
 from clipjax.errors import ConfigError, closest, did_you_mean, one_line
+from clipjax.evals.config import evals_config, validate_evals_config
+from clipjax.models import DTYPES
 from clipjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from clipjax.models.sizes import get_size
 from clipjax.models.towers import IMAGE_POOLS, TEXT_POOLS
-
-LOSS_KINDS = ("softmax", "sigmoid")
-LOSS_IMPLS = ("dense", "allgather", "chunked", "ring")
-SCHEDULES = ("cosine", "rsqrt", "constant")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -113,9 +114,6 @@ SECTIONS = {
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default; config files start here."""
-    from clipjax.data.config import data_config
-    from clipjax.evals.config import evals_config
-
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = _model_config()
@@ -154,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
         "every": 1000,
         "keep": 3,
         "async_save": True,
-        "init_from": "",  # a checkpoint dir (or workdir) to initialise params from (fine-tuning)
+        "init_from": "",  # checkpoint dir, workdir or OpenCLIP/OpenAI weights file to start params from (fine-tuning)
     })
     c.data = data_config()
     c.evals = evals_config()
@@ -303,19 +301,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")
         _check_choice(m.act, list(ACTIVATIONS), "model.act")
         _check_choice(m.remat, list(REMAT_POLICIES), "model.remat")
-        _check_choice(m.dtype, ["float32", "bfloat16", "float16"], "model.dtype")
-        from clipjax.data.tokenizer import ByteTokenizer
-
-        tokenizer_vocab = {"clip": 49408, "bytes": ByteTokenizer.vocab_size}.get(c.data.tokenizer)
+        _check_choice(m.dtype, list(DTYPES), "model.dtype")
+        _as_config_error(validate_data_config, c.data)
+        c.data.buffer_size = ImageOptions.from_config(c.data, m.image.image_size).buffer_size
+        tokenizer = TOKENIZERS[c.data.tokenizer]
         if m.text.eot_id is None:
-            m.text.eot_id = {"clip": 49407, "bytes": ByteTokenizer.eot_id}.get(c.data.tokenizer)
+            m.text.eot_id = tokenizer.eot_id
         if m.text.vocab_size is None:
-            m.text.vocab_size = tokenizer_vocab or 49408
-        elif tokenizer_vocab and m.text.vocab_size < tokenizer_vocab:
+            m.text.vocab_size = tokenizer.vocab_size
+        elif m.text.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
-                             f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer_vocab})")
-        _check_choice(c.loss.kind, LOSS_KINDS, "loss.kind")
-        _check_choice(c.loss.impl, LOSS_IMPLS, "loss.impl")
+                              f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer.vocab_size})")
+        _check_choice(c.loss.kind, losses.KINDS, "loss.kind")
+        _check_choice(c.loss.impl, losses.IMPLS, "loss.impl")
         sigmoid = c.loss.kind == "sigmoid"
         if m.init_logit_scale is None:
             m.init_logit_scale = math.log(10.0) if sigmoid else math.log(1 / 0.07)
@@ -325,7 +323,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
             raise ConfigError(f"model.max_logit_scale={m.max_logit_scale} must be positive")
 
         o = c.optim
-        _check_choice(o.schedule, SCHEDULES, "optim.schedule")
+        _check_choice(o.schedule, optim.SCHEDULES, "optim.schedule")
         if o.lock_image and o.lock_text:
             raise ConfigError("optim.lock_image and optim.lock_text are both set: nothing would train")
         for key in ("lr", "eps"):
@@ -345,13 +343,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
 
         _as_config_error(sharding.rules_from_config, c.sharding.rules)
         if num_devices is not None:
-            dcn = {a: c.mesh[f"dcn_{a}"] for a in sharding.MESH_AXES}
-            slices = math.prod(dcn.values())
-            if num_devices % slices:
-                raise ConfigError(f"mesh: {num_devices} devices do not split into {slices} dcn slices"
-                                  + _device_count_hint(c.mesh))
             try:
-                ici = sharding.resolve_mesh_shape({a: c.mesh[a] for a in sharding.MESH_AXES}, num_devices // slices)
+                ici, dcn = sharding.resolve_mesh(c.mesh, num_devices)
             except ValueError as e:
                 raise ConfigError(f"{e}{_device_count_hint(c.mesh)}") from e
             for a in sharding.MESH_AXES:
@@ -361,10 +354,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                 raise ConfigError(
                     f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {dp} "
                     f"(mesh data x fsdp) times train.grad_accum={t.grad_accum}")
-        from clipjax.data.config import validate_data_config
-        from clipjax.evals.config import validate_evals_config
-
-        _as_config_error(validate_data_config, c.data)
         _as_config_error(validate_evals_config, c.evals)
     return c
 

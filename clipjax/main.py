@@ -178,9 +178,9 @@ def _eval(cmd: CommandLine) -> None:
     if _PRINT_CONFIG.value:
         return _print_config(config)
     _setup(cmd)
-    from clipjax.evals import runner
+    from clipjax import evaluate
 
-    runner.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
+    evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
 
 
 def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | None) -> None:

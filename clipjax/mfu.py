@@ -1,31 +1,13 @@
-"""Model FLOPs utilisation: FLOPs per step, peak FLOP/s per device, and their ratio.
+"""Model FLOPs utilisation: peak FLOP/s per device, analytic model FLOPs, and their ratio.
 
-* ``compiled_flops(compiled)``: FLOPs of one step *per device*, from XLA's cost
-  analysis of the compiled executable, corrected for loops (see below).
-* ``peak_flops_per_device()``: dense bf16 peak of the local accelerator from
+* ``peak_flops_per_device(device, dtype)``: dense vendor peak of the accelerator for the dtype from
   ``PEAK_FLOPS``; on CPU a measured fp32 matmul rate shared among the simulated
   devices; ``CLIPJAX_PEAK_FLOPS`` (FLOP/s per device) overrides both.
 * ``mfu(flops, step_time, peak)``: the ratio.
-* ``clip_train_flops(model_cfg, batch)``: an analytic count to cross-check the
-  compiled one.
+* ``clip_train_flops(model_cfg, batch)``: the analytic model-FLOP count behind
+  ``train/mfu`` (no recomputation); ``hlo_flops.compiled_flops`` is behind ``train/hfu``.
 
-What ``Compiled.cost_analysis()`` returns (checked with jax 0.10.2, CPU):
-
-* a ``dict`` (older jax returned a list holding one dict; both are accepted);
-* for an SPMD-partitioned executable the numbers describe the partitioned
-  module, i.e. **one device's share**: a ``(256,512)@(512,128)`` matmul gives
-  ``2*256*512*128`` FLOPs on one device and an eighth of that with the rows
-  sharded over 8 devices (``tests/test_metrics.py`` pins both);
-* a ``while`` loop's body is counted **once**, whatever its trip count: a
-  ``lax.scan`` over 4 layers reports the FLOPs of one. Models built with
-  ``model.scan=True`` run their blocks in such a loop, so ``compiled_flops``
-  parses the optimized HLO, finds each loop's ``known_trip_count`` and adds the
-  ``dot`` FLOPs of the repeated iterations. Elementwise work inside loop bodies
-  stays counted once (it is a small share of a transformer's FLOPs).
-
-The compiled count includes everything the executable does, rematerialised
-forward passes included, so with ``model.remat`` it is closer to hardware FLOPs
-than to model FLOPs; ``clip_train_flops`` counts model FLOPs only.
+Per-step FLOPs measured from the compiled executable live in ``hlo_flops``.
 """
 
 from __future__ import annotations
@@ -33,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -77,17 +58,44 @@ PEAK_FLOPS: dict[str, float] = {
     "GB200": 2500e12,
 }
 
+# Dense float32 matmul peak of NVIDIA GPUs, where XLA runs float32 dots on TF32 tensor cores
+# by default (data sheets, dense TF32 figures). TPUs run float32 dots at default precision as
+# one bfloat16 pass, so their bf16 row stands for float32 too.
+PEAK_FLOPS_TF32: dict[str, float] = {
+    "A100": 156e12,
+    "A10G": 35e12,
+    "A10": 62.5e12,
+    "L4": 60e12,
+    "L40S": 183e12,
+    "H100": 495e12,
+    "H100 PCIe": 378e12,
+    "H100 NVL": 418e12,
+    "H800": 495e12,
+    "H200": 495e12,
+    "GH200": 495e12,
+    "B100": 875e12,
+    "B200": 1125e12,
+    "GB200": 1250e12,
+}
+
 PEAK_ENV = "CLIPJAX_PEAK_FLOPS"
 
 _PEAK_CACHE: dict[tuple, tuple[float, str]] = {}
 
 
-def lookup_peak(kind: str) -> tuple[float, str] | None:
-    """``(flops, key)`` for the longest ``PEAK_FLOPS`` key found in ``kind``, or None."""
+def lookup_peak(kind: str, dtype: str = "bfloat16") -> tuple[float, str] | None:
+    """``(flops, key)`` for the longest table key found in ``kind``, or None.
+
+    ``dtype`` is the matmul compute dtype: float32 on a GPU reads ``PEAK_FLOPS_TF32``;
+    everything else (bf16, fp16, float32 on TPU) reads ``PEAK_FLOPS``.
+    """
+    table = PEAK_FLOPS
+    if str(dtype) == "float32" and "tpu" not in kind.lower():
+        table = PEAK_FLOPS_TF32
     low = kind.lower()
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    for key in sorted(table, key=len, reverse=True):
         if key.lower() in low:
-            return PEAK_FLOPS[key], key
+            return table[key], key
     return None
 
 
@@ -115,27 +123,29 @@ def measure_cpu_matmul_flops(device=None, n: int = 1024, repeats: int = 5) -> fl
     return 2.0 * n**3 / best
 
 
-def peak_flops_per_device(device=None) -> tuple[float, str]:
-    """``(peak FLOP/s of one device, how it was obtained)``; cached per device kind.
+def peak_flops_per_device(device=None, dtype: str = "bfloat16") -> tuple[float, str]:
+    """``(peak FLOP/s of one device for matmuls in dtype, how it was obtained)``; cached.
 
     Sources, in order: ``$CLIPJAX_PEAK_FLOPS`` ("env CLIPJAX_PEAK_FLOPS");
     CPU: the measured fp32 matmul rate of the host divided by the number of
     simulated CPU devices, which share its cores ("measured CPU matmul");
-    otherwise the ``PEAK_FLOPS`` row ("table: <key>"). An accelerator missing
-    from the table gives ``(nan, "unknown: <kind>")``, so MFU is logged as null.
+    otherwise the vendor row for ``dtype`` (``lookup_peak``; "table: <key>"). An
+    accelerator missing from the table gives ``(nan, "unknown: <kind>")``, so MFU
+    is logged as null.
     """
     env = os.environ.get(PEAK_ENV)
     if env:
         return float(env), f"env {PEAK_ENV}"
     device = device or jax.local_devices()[0]
     count = jax.local_device_count(backend="cpu") if device.platform == "cpu" else 1
-    key = (device.platform, device.device_kind, count)
+    cpu = device.platform == "cpu"
+    key = (device.platform, device.device_kind, count, None if cpu else str(dtype))
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
-    if device.platform == "cpu":
+    if cpu:
         out = (measure_cpu_matmul_flops(device) / count, "measured CPU matmul")
     else:
-        hit = lookup_peak(device.device_kind)
+        hit = lookup_peak(device.device_kind, str(dtype))
         if hit is None:
             log.warning("no peak FLOP/s known for %r; MFU will be NaN (set %s)", device.device_kind, PEAK_ENV)
             out = (float("nan"), f"unknown: {device.device_kind}")
@@ -143,117 +153,6 @@ def peak_flops_per_device(device=None) -> tuple[float, str]:
             out = (hit[0], f"table: {hit[1]}")
     _PEAK_CACHE[key] = out
     return out
-
-
-# --- FLOPs from the compiled executable -------------------------------------------------------
-
-_COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
-_PARAM = re.compile(r"([\w.\-]+):\s*([a-z]\w*\[[0-9,]*\])")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+?)(?:\{[^}]*\})?\s+([\w\-]+)\((.*)$")
-_ARRAY = re.compile(r"^[a-z]\w*\[([0-9,]*)\]")
-_CALLEE = re.compile(r"(calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
-
-
-def _dims(shape: str) -> list[int] | None:
-    m = _ARRAY.match(shape)
-    if m is None:
-        return None
-    return [int(x) for x in m.group(1).split(",") if x]
-
-
-def _dot_flops(out_shape: str, args: str, shapes: dict[str, str]) -> float:
-    """2 * |out| * prod(lhs contracting dims) for one HLO ``dot``; 0 when shapes are unreadable."""
-    out = _dims(out_shape)
-    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", args)
-    operands = args.split(")", 1)[0]
-    first = operands.split(",")[0].strip()
-    inline = _ARRAY.match(first)  # some printers write "f32[4,8]{1,0} %x"
-    lhs = _dims(first) if inline else _dims(shapes.get(first.lstrip("%"), ""))
-    if out is None or lhs is None or m is None:
-        return 0.0
-    k = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i)
-    return 2.0 * math.prod(out) * k
-
-
-def loop_extra_flops(hlo_text: str) -> float:
-    """Dot FLOPs that XLA's cost analysis misses because it counts a while body once.
-
-    Walks the call graph of the optimized HLO module: each computation's
-    multiplicity is the sum over its call sites of the caller's multiplicity,
-    times ``known_trip_count`` for a while body/condition. Returns
-    ``sum(dot_flops * (multiplicity - times_counted))`` where a computation
-    reached through ``k`` nested loops was counted once by cost analysis.
-    """
-    comps: list[tuple[str, bool]] = []  # (name, is_entry) in order of appearance
-    dots: dict[str, float] = {}
-    calls: dict[str, list[tuple[str, int, bool]]] = {}  # caller -> [(callee, factor, is_loop)]
-    shapes: dict[str, str] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        h = _COMP_HEADER.match(line)
-        if h:
-            current = h.group(2)
-            comps.append((current, bool(h.group(1))))
-            dots[current], calls[current] = 0.0, []
-            for name, shape in _PARAM.findall(h.group(3)):
-                shapes[name] = shape
-            continue
-        if current is None:
-            continue
-        ins = _INSTR.match(line)
-        if not ins:
-            continue
-        name, shape, op, rest = ins.groups()
-        shapes[name] = shape
-        if op == "dot":
-            dots[current] += _dot_flops(shape, rest, shapes)
-        trip = None
-        if op == "while":
-            t = _TRIP.search(rest)
-            trip = int(t.group(1)) if t else None
-        for kind, callee in _CALLEE.findall(rest):
-            loop = kind in ("body", "condition")
-            calls[current].append((callee, trip if (loop and trip) else 1, loop))
-        for group in _BRANCHES.findall(rest):
-            for callee in group.split(","):
-                calls[current].append((callee.strip().lstrip("%"), 1, False))
-    # Callees are printed before their callers: walk from the entry backwards.
-    mult: dict[str, float] = {name: 0.0 for name, _ in comps}
-    counted: dict[str, float] = {name: 0.0 for name, _ in comps}  # what cost analysis saw (loops once)
-    for name, entry in comps:
-        if entry:
-            mult[name] = counted[name] = 1.0
-    for name, _ in reversed(comps):
-        for callee, factor, _loop in calls.get(name, []):
-            if callee in mult:
-                mult[callee] += mult[name] * factor
-                counted[callee] += counted[name]
-    return sum(dots[n] * max(mult[n] - counted[n], 0.0) for n, _ in comps)
-
-
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of ``compiled`` on one device (SPMD: that device's share), or None.
-
-    ``compiled`` is a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``).
-    Cost analysis total plus the dot FLOPs of repeated loop iterations (module docstring).
-    """
-    try:
-        cost = compiled.cost_analysis()
-    except Exception as e:  # some backends do not implement it
-        log.warning("cost analysis unavailable: %s", e)
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or not cost.get("flops"):
-        return None
-    flops = float(cost["flops"])
-    try:
-        flops += loop_extra_flops(compiled.as_text())
-    except Exception as e:  # the correction is best effort; the base count stands
-        log.warning("could not correct FLOPs for loop trip counts: %s", e)
-    return flops
 
 
 def mfu(flops_per_device_per_step: float, step_time_s: float, peak_per_device: float) -> float:
@@ -283,13 +182,20 @@ def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int)
     return float(depth * t * per_token)
 
 
+def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
+    """Forward matmul FLOPs of attention pooling: one probe query over ``tokens`` keys, then its MLP."""
+    d, t = width, tokens
+    return float(2 * d * d + 4 * t * d * d + 4 * t * d + 2 * d * d + 4 * d * mlp_dim)
+
+
 def vit_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_dim: int, embed_dim: int,
-              class_token: bool = True, channels: int = 3) -> float:
-    """Forward matmul FLOPs of the image tower for one image (patchify, blocks, projection)."""
+              class_token: bool = True, channels: int = 3, pool: str = "tok") -> float:
+    """Forward matmul FLOPs of the image tower for one image (patchify, blocks, pooling, projection)."""
     patches = (image_size // patch_size) ** 2
     tokens = patches + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
-    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim) + 2 * width * embed_dim
+    head = map_head_flops(tokens, width, mlp_dim) if pool == "map" else 0.0
+    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim) + head + 2 * width * embed_dim
 
 
 def text_flops(context_length: int, width: int, depth: int, mlp_dim: int, embed_dim: int) -> float:
@@ -300,16 +206,21 @@ def text_flops(context_length: int, width: int, depth: int, mlp_dim: int, embed_
 def clip_train_flops(model_cfg: Any, batch: int) -> float:
     """Model FLOPs of one training step for the global ``batch`` (all devices together).
 
-    ``3 * forward`` (backward is twice the forward) for both towers, plus the
-    ``batch x batch`` similarity matrix: ``2*B*B*E`` forward, ``6*B*B*E`` with
-    its gradients. ``model_cfg`` is a resolved ``config.model`` (or a dict with
-    the same keys). Rematerialisation is not counted (model FLOPs, not hardware).
-    Divide by the device count for the per-device figure.
+    ``3 * forward`` (backward is twice the forward) of every matmul in both towers:
+    patch embedding, attention projections, attention scores and weighted values,
+    MLPs, pooling head and output projections; plus the ``batch x batch``
+    similarity matrix of the loss: ``2*B*B*E`` forward, ``6*B*B*E`` with its
+    gradients. Elementwise work (norms, activations, softmax, the optimizer) is
+    not counted. ``model_cfg`` is a resolved ``config.model`` (or a dict with the
+    same keys). Rematerialisation is not counted (model FLOPs, not hardware), so
+    the figure does not depend on ``model.remat``. Divide by the device count for
+    the per-device figure.
     """
     img, txt = _get(model_cfg, "image"), _get(model_cfg, "text")
     e = _get(model_cfg, "embed_dim")
     f_img = vit_flops(_get(img, "image_size", 224), _get(img, "patch_size"), _get(img, "width"),
-                      _get(img, "depth"), _get(img, "mlp_dim"), e, bool(_get(img, "class_token", True)))
+                      _get(img, "depth"), _get(img, "mlp_dim"), e, bool(_get(img, "class_token", True)),
+                      pool=_get(img, "pool", "tok"))
     f_txt = text_flops(_get(txt, "context_length", 77), _get(txt, "width"), _get(txt, "depth"),
                        _get(txt, "mlp_dim"), e)
     return 3.0 * batch * (f_img + f_txt) + 6.0 * batch * batch * e

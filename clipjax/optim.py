@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+SCHEDULES = ("cosine", "rsqrt", "constant")
 # Parameter names that never get weight decay (besides biases and norms).
 NO_DECAY_NAMES = ("token_embedding", "pos_embedding", "class_token", "probe", "logit_scale", "logit_bias")
 
@@ -26,7 +27,7 @@ def make_schedule(o, total_steps: int) -> optax.Schedule:
     elif o.schedule == "constant":
         after = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"optim.schedule={o.schedule!r}; choose cosine, rsqrt or constant")
+        raise ValueError(f"optim.schedule={o.schedule!r}; choose one of {list(SCHEDULES)}")
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])

@@ -1,4 +1,4 @@
-"""A one-page PNG of a run's curves, from ``WORKDIR/metrics.jsonl``.
+"""A one-page PNG of a run's curves, from ``WORKDIR/metrics.jsonl`` (read back here).
 
 ``write_report(workdir)`` draws one panel per question, each only when it has data:
 training loss; logit scale from 0 (SigLIP bias on its own right axis); in-batch training
@@ -10,9 +10,11 @@ MFU in percent; learning rate. It writes ``WORKDIR/report.png`` and returns its 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import matplotlib
 
@@ -21,9 +23,51 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from clipjax.metrics import iter_series, read_metrics  # noqa: E402
+from clipjax.metrics import METRICS_FILE  # noqa: E402
 
 REPORT_FILE = "report.png"
+
+log = logging.getLogger("clipjax")
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (or of ``DIR/metrics.jsonl`` given a directory).
+
+    Blank and unparseable lines (a partial last line from a killed run) are skipped.
+    A missing file gives ``[]``.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    rows: list[dict[str, Any]] = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("skipping unparseable line in %s: %.80s", path, line)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def iter_series(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of ``key`` over the rows that have it; null values become NaN."""
+    steps, values = [], []
+    for row in rows:
+        if key not in row or row.get("step") is None:
+            continue
+        v = row[key]
+        if isinstance(v, str):
+            continue
+        steps.append(int(row["step"]))
+        values.append(float("nan") if v is None else float(v))
+    return steps, values
 
 
 def _last(k: str) -> str:
@@ -81,8 +125,6 @@ PANELS = (
 def _keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
-        if "summary" in row:
-            continue
         for k, v in row.items():
             if k != "step" and not isinstance(v, str):
                 seen.setdefault(k, None)

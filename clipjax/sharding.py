@@ -66,44 +66,45 @@ def rules_from_config(overrides: Sequence[Sequence[Any]] | None = None) -> tuple
     return tuple(rules.items())
 
 
-def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Fills in the one axis given as -1 so the product equals ``num_devices``."""
-    sizes = {a: int(sizes[a]) for a in MESH_AXES}
-    unknown = [a for a, s in sizes.items() if s == -1]
+def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """``(ici, dcn)`` axis sizes of ``config.mesh`` on ``num_devices``, its one -1 filled in.
+
+    ``ici`` sizes are within a slice; ``dcn_*`` sizes (multi-slice pods) multiply into
+    the same axes, with slices laid out outermost.
+    """
+    dcn = {a: int(mesh_cfg[f"dcn_{a}"]) for a in MESH_AXES}
+    num_slices = math.prod(dcn.values())
+    if num_slices < 1 or num_devices % num_slices:
+        raise ValueError(f"mesh: {num_devices} devices do not split into {num_slices} dcn slices")
+    per_slice = num_devices // num_slices
+    ici = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+    unknown = [a for a, s in ici.items() if s == -1]
     if len(unknown) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {unknown}")
-    for a, s in sizes.items():
+    for a, s in ici.items():
         if s == 0 or s < -1:
             raise ValueError(f"mesh.{a}={s}: sizes must be positive or -1")
-    known = math.prod(s for s in sizes.values() if s != -1)
+    known = math.prod(s for s in ici.values() if s != -1)
     if unknown:
-        if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices not divisible by the fixed axes' product {known} ({sizes})")
-        sizes[unknown[0]] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, not the {num_devices} devices")
-    return sizes
+        if per_slice % known:
+            raise ValueError(f"mesh: {per_slice} devices not divisible by the fixed axes' product {known} ({ici})")
+        ici[unknown[0]] = per_slice // known
+    if math.prod(ici.values()) != per_slice:
+        raise ValueError(f"mesh: axis sizes {ici} multiply to {math.prod(ici.values())}, not the {per_slice} "
+                         "devices of a slice")
+    return ici, dcn
 
 
-def make_mesh(
-    ici: dict[str, int],
-    dcn: dict[str, int] | None = None,
-    devices: Sequence[jax.Device] | None = None,
-) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh with Auto axis types.
-
-    ``ici`` sizes are within a slice (one may be -1); ``dcn`` sizes (multi-slice
-    pods) multiply into the same axes, with slices laid out outermost.
-    """
+def make_mesh(ici: dict[str, int], dcn: dict[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh with Auto axis types from resolved ``ici`` (and ``dcn``) sizes."""
     devices = list(devices if devices is not None else jax.devices())
     dcn = {a: int((dcn or {}).get(a, 1)) for a in MESH_AXES}
-    num_slices = math.prod(dcn.values())
-    if len(devices) % num_slices:
-        raise ValueError(f"mesh: {len(devices)} devices not divisible into {num_slices} dcn slices")
-    ici = resolve_mesh_shape(ici, len(devices) // num_slices)
-    ici_shape = [ici[a] for a in MESH_AXES]
-    if num_slices > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, [dcn[a] for a in MESH_AXES], devices)
+    ici_shape, dcn_shape = [int(ici[a]) for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+    if math.prod(ici_shape) * math.prod(dcn_shape) != len(devices):
+        raise ValueError(f"mesh: sizes {ici} x dcn {dcn} do not match the {len(devices)} devices")
+    if math.prod(dcn_shape) > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
     else:
         try:
             grid = mesh_utils.create_device_mesh(ici_shape, devices)
@@ -113,9 +114,9 @@ def make_mesh(
 
 
 def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh described by ``config.mesh`` (ici sizes and ``dcn_*`` sizes)."""
-    return make_mesh({a: mesh_cfg[a] for a in MESH_AXES}, {a: mesh_cfg[f"dcn_{a}"] for a in MESH_AXES},
-                     devices=devices)
+    """The mesh ``config.mesh`` describes on ``devices`` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    return make_mesh(*resolve_mesh(mesh_cfg, len(devices)), devices=devices)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -135,11 +136,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
-    """Maps a pytree of logical PartitionSpecs to NamedShardings on ``mesh``."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -178,28 +174,3 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
         unboxed,
         is_leaf=lambda x: isinstance(x, P),
     )
-
-
-def _dict_keys(path) -> tuple[str, ...]:
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def follow_params(abstract_tree: Any, abstract_params: Any, param_sh: Any, default: NamedSharding) -> Any:
-    """Shardings for a tree that embeds param-shaped leaves (e.g. optimizer moments).
-
-    A leaf whose trailing dict keys and shape match a parameter gets that
-    parameter's sharding; anything else (counts, scalars) gets ``default``.
-    """
-    by_path = {}
-    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_sh)):
-        by_path[_dict_keys(path)] = (tuple(leaf.shape), sh)
-
-    def pick(path, leaf):
-        keys = _dict_keys(path)
-        for start in range(len(keys)):
-            hit = by_path.get(keys[start:])
-            if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
-                return hit[1]
-        return default
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_tree)

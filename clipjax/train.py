@@ -19,13 +19,14 @@ import jax
 import numpy as np
 
 from clipjax import checkpoint as ckpt_lib
-from clipjax import config as config_lib
+from clipjax import hlo_flops
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
 from clipjax import preemption
-from clipjax import sharding
+from clipjax import run
 from clipjax.errors import UserError
-from clipjax.train_step import TrainState, compile_train_step, init_state, make_setup
+from clipjax.models import count_params
+from clipjax.train_step import TrainState, compile_train_step, init_state
 
 log = logging.getLogger("clipjax")
 
@@ -39,23 +40,11 @@ class LossSpikeError(UserError, RuntimeError):
 
 
 def _default_data_iterator(config, mesh) -> Any:
-    from clipjax.data import pipeline
+    from clipjax.data import train_input
 
-    return pipeline.make_train_iterator(
+    return train_input.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
         context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
-
-
-def _data_args(data_iter, restore: bool):
-    """Orbax args for the data iterator item (None when the iterator has no state)."""
-    fn_name = "restore_args" if restore else "save_args"
-    fn = getattr(data_iter, fn_name, None)
-    if fn is None:
-        from clipjax.data import pipeline
-
-        fn = getattr(pipeline, fn_name)
-        return fn(data_iter)
-    return fn()
 
 
 def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
@@ -66,55 +55,45 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
           evaluate_fn: Callable | None = None, devices=None) -> TrainState:
     """Trains ``config`` in ``workdir`` (auto-resuming) and returns the final state.
 
+    ``data_iterator_fn(config, mesh)`` (default: the grain stream) returns an iterator of
+    global batches with ``num_skipped``, ``save_args()``, ``restore_args()`` and
+    ``set_state_from_processes(states)``, as ``train_input.TrainIterator`` has.
+
     ``devices`` (default: all) restricts the mesh, e.g. to compare meshes in one process.
     """
-    devices = list(devices) if devices is not None else jax.devices()
-    config_lib.validate(config, len(devices))
-    is_main = jax.process_index() == 0
-    ckpt_lib.check_workdir_writable(workdir)
-    mesh = sharding.mesh_from_config(config.mesh, devices)
-    setup = make_setup(config, mesh)
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save, config_json=config.to_json())
+    setup, checkpointer = run.prepare(config, workdir, devices)
+    mesh, is_main = setup.mesh, jax.process_index() == 0
     data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
 
-    def restore(step: int) -> TrainState:
-        data_states = checkpointer.data_states(step)
-        if not data_states or len(data_states) == jax.process_count():
-            return checkpointer.restore(step, setup.abstract_state, _data_args(data_iter, restore=True))[0]
-        # Saved by another number of processes: continue the same global stream.
-        restored, _ = checkpointer.restore(step, setup.abstract_state)
-        data_iter.set_state_from_processes(data_states)
-        log.info("data stream of %d processes continued by %d", len(data_states), jax.process_count())
-        return restored
-
-    resumed = checkpointer.restore_newest_intact(restore)
+    resumed = checkpointer.restore_newest_intact(lambda step: run.restore(checkpointer, setup, step, data_iter))
     if resumed is not None:
         state = resumed[1]
         log.info("resumed from step %d in %s", resumed[0], workdir)
     else:
         params = None
         if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                          init_logit_bias=config.model.init_logit_bias)
             log.info("initialised params from %s", config.checkpoint.init_from)
         state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
     compiled = compile_train_step(setup)
-    flops = mfu_lib.compiled_flops(compiled)
-    peak, peak_source = mfu_lib.peak_flops_per_device()
+    # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
+    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / len(devices)
+    flops = hlo_flops.compiled_flops(compiled)
+    peak, peak_source = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
-        log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
-                 sum(x.size for x in jax.tree.leaves(state.params)), flops, peak, peak_source)
+        log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
+                 dict(mesh.shape), count_params(state.params), model_flops, flops, peak, peak_source)
     stop = preemption.StopRequest(start)
     evaluate = evaluate_fn
     if evaluate is None and len(config.evals):
-        from clipjax.evals import runner
+        from clipjax.evals.evaluator import Evaluator
 
-        evaluate = runner.make_evaluator(config, setup)
+        evaluate = Evaluator(config, setup)
 
     total = config.train.steps
     pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
@@ -166,8 +145,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         window_start, window_steps = now, 0
         host["train/step_time"] = dt
         host["train/samples_per_sec"] = config.train.batch_size / dt
+        host["train/mfu"] = mfu_lib.mfu(model_flops, dt, peak)
         if flops:
-            host["train/mfu"] = mfu_lib.mfu(flops, dt, peak)
+            host["train/hfu"] = mfu_lib.mfu(flops, dt, peak)
         host["train/eta_sec"] = dt * (total - step)
         host.pop("train/finite")
         writer.write(step, host)
@@ -176,11 +156,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         step = start
         for step in range(start, total):
             batch = next(data_iter)
-            num_skipped = batch.pop("num_skipped", None) if isinstance(batch, dict) else None
             state, metrics = compiled(state, batch)
             checkpointer.check()  # a failed background save stops the run here, not at the next save
-            if num_skipped is not None:
-                metrics = dict(metrics, **{"data/skipped_examples": num_skipped})
+            metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
             window_steps += 1
             if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
                 handle(*pending)
@@ -197,7 +175,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
                     log.warning("step %d: not saved inside a run of non-finite steps; newest checkpoint: %s", done,
                                 newest_saved())
                 else:
-                    checkpointer.save(done, state, _data_args(data_iter, restore=False), force=True)
+                    checkpointer.save(done, state, data_iter.save_args())
             if stopping:
                 checkpointer.close()
                 log.warning("%s: stopped after step %d; newest checkpoint: %s", stop.signal_name or "preemption notice",

@@ -26,18 +26,14 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import losses, optim, sharding
-from clipjax.data import resize, transforms
+from clipjax.data import resize
 from clipjax.models import CLIP, build_model, dummy_inputs
-
-SCALE_KEYS = ("logit_scale", "logit_bias")
-
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: number of completed steps
     params: Any
     opt_state: Any
-    rng: jax.Array  # uint32 key data (typed keys do not checkpoint)
     consecutive_skips: jax.Array  # int32: non-finite steps in a row
     total_skips: jax.Array  # int32: non-finite steps since the start
 
@@ -62,7 +58,7 @@ class Setup:
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-example shape and dtype of each train batch field (what the input pipeline yields)."""
-    p = transforms.ImageOptions.from_config(config.data, config.model.image.image_size).buffer_size
+    p = config.data.buffer_size
     return {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
             "text": ((config.model.text.context_length,), jnp.int32)}
 
@@ -78,23 +74,24 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
     abstract_params = nn.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = sharding.replicated(mesh)
-    opt_sh = sharding.follow_params(abstract_opt, abstract_params, param_sh, repl)
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, consecutive_skips=repl,
-                          total_skips=repl)
+    # Every param-shaped tree in the optimizer state (Adam moments...) is sharded like the params;
+    # multi_transform leaves MaskedNodes where another tower's transform owns the param.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt_sh = optax.tree_map_params(tx, lambda x, sh: x if masked(x) else sh, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: repl, is_leaf=masked)
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, consecutive_skips=repl, total_skips=repl)
     abstract = jax.eval_shape(functools.partial(_init_state, model, tx, config), jax.random.key(0))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Setup(config, model, tx, schedule, mesh, rules, state_sh, abstract)
 
 
 def _init_state(model: CLIP, tx, config, rng: jax.Array, params: Any = None) -> TrainState:
-    init_rng, state_rng = jax.random.split(rng)
     if params is None:
         images, ids = dummy_inputs(config.model)
-        params = nn.unbox(model.init(init_rng, images, ids))["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        rng=jax.random.key_data(state_rng), consecutive_skips=jnp.zeros((), jnp.int32),
-        total_skips=jnp.zeros((), jnp.int32))
+        # The first key of a split, as since the first release: a seed keeps giving the same weights.
+        params = nn.unbox(model.init(jax.random.split(rng)[0], images, ids))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      consecutive_skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
 
 def init_state(setup: Setup, seed: int, params: Any = None) -> TrainState:
@@ -132,14 +129,14 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
     dtype = jnp.dtype(config.model.dtype)
     image_size, interpolation = config.model.image.image_size, config.data.interpolation
 
-    def embed(params, pixels, ids):
+    def embed(params, crops, ids):
         # A locked tower (LiT) gets no gradient at all: cheaper, and it stays out of clipping.
         params = dict(params)
         for tower, locked in (("image", config.optim.lock_image), ("text", config.optim.lock_text)):
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
-        images = resize.model_images(pixels, image_size, interpolation)
+        images = resize.model_images(crops, image_size, interpolation)
         zimg = model.apply(v, images.astype(dtype), method=CLIP.encode_image)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
         return zimg, ztxt
@@ -153,29 +150,29 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
                                        chunk_size=lc.chunk_size)
 
     params = state.params
-    pixels = resize.image_fields(batch)
+    crops = resize.image_fields(batch)  # uint8 crop buffers with their boxes, resized inside `embed`
     if k == 1:
         def full_loss(p):
-            zimg, ztxt = embed(p, pixels, batch["text"])
+            zimg, ztxt = embed(p, crops, batch["text"])
             return loss_from_embeddings(zimg, ztxt, p)
 
         (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
     else:
-        pixels_K = jax.tree.map(lambda x: _split_micro(x, k), pixels)
+        crops_K = jax.tree.map(lambda x: _split_micro(x, k), crops)
         ids_K = _split_micro(batch["text"], k)
-        zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (pixels_K, ids_K))
+        zimg_K, ztxt_K = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), *xs), (crops_K, ids_K))
         zimg, ztxt = _merge_micro(zimg_K), _merge_micro(ztxt_K)
         (loss, metrics), (g_zimg, g_ztxt, grads_sb) = jax.value_and_grad(
             loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
         g_zimg_K, g_ztxt_K = _split_micro(g_zimg, k), _split_micro(g_ztxt, k)
 
         def accumulate(grads, xs):
-            pixels, ids, gi, gt = xs
-            _, vjp = jax.vjp(lambda p: embed(p, pixels, ids), params)
+            crops, ids, gi, gt = xs
+            _, vjp = jax.vjp(lambda p: embed(p, crops, ids), params)
             (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype)))
             return jax.tree.map(jnp.add, grads, g), None
 
-        grads, _ = jax.lax.scan(accumulate, grads_sb, (pixels_K, ids_K, g_zimg_K, g_ztxt_K))
+        grads, _ = jax.lax.scan(accumulate, grads_sb, (crops_K, ids_K, g_zimg_K, g_ztxt_K))
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -186,7 +183,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array]) -> 
     skips = jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1, params=keep(new_params, params), opt_state=keep(new_opt, state.opt_state),
-        rng=state.rng, consecutive_skips=skips, total_skips=state.total_skips + (~finite).astype(jnp.int32))
+        consecutive_skips=skips, total_skips=state.total_skips + (~finite).astype(jnp.int32))
     out = {f"train/{name}": value for name, value in metrics.items()}
     out.update({
         "train/loss": loss,

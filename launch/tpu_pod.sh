@@ -11,8 +11,10 @@
 #   --version      TPU software version (default tpu-ubuntu2204-base)
 #   --create       create the slice first if it does not exist
 #   --spot         create it as a spot (preemptible) slice
+#   --branch       git commit-ish to run (default HEAD)
 #
-# The local checkout is copied to every worker (scp --worker=all), installed
+# The committed tree at --branch (`git archive`: uncommitted changes stay behind) is
+# copied to every worker (scp --worker=all), installed
 # into ~/clipjax/.venv with jax[tpu], and `clipjax-train` is started on all
 # workers at once; worker 0's log is streamed. jax.distributed finds the
 # coordinator from the TPU metadata, so no coordinator flags are needed. A
@@ -20,7 +22,7 @@
 # script is run again with the same flags.
 set -euo pipefail
 
-NAME= ZONE= ACCEL= PROJECT= VERSION=tpu-ubuntu2204-base CREATE=0 SPOT=0
+NAME= ZONE= ACCEL= PROJECT= VERSION=tpu-ubuntu2204-base CREATE=0 SPOT=0 BRANCH=HEAD
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
     --name=*) NAME="${1#*=}" ;;
@@ -30,7 +32,8 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
     --version=*) VERSION="${1#*=}" ;;
     --create) CREATE=1 ;;
     --spot) SPOT=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --branch=*) BRANCH="${1#*=}" ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown flag $1 (program flags go after --)" >&2; exit 2 ;;
   esac
   shift
@@ -54,7 +57,7 @@ fi
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 LOCAL_TMP="$(mktemp -d)"
 trap 'rm -rf "$LOCAL_TMP"' EXIT
-git -C "$HERE" archive --format=tar.gz -o "$LOCAL_TMP/clipjax.tar.gz" HEAD
+git -C "$HERE" archive --format=tar.gz -o "$LOCAL_TMP/clipjax.tar.gz" "$BRANCH"
 # The archive lands in a private folder under the worker's home, never at a fixed name in
 # the shared /tmp, where another user could have planted a symlink or a different archive.
 "${GCLOUD[@]}" ssh "$NAME" --worker=all "${COMMON[@]}" --command='mkdir -p -m 700 ~/.clipjax-upload'

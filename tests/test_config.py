@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from clipjax.config import load_config, parse_arg, validate
+from clipjax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIP = str(ROOT / "configs" / "clip.py")
@@ -42,12 +43,12 @@ def test_demo_config_validates_on_eight_devices():
 
 
 def test_unknown_key_fails_naming_it():
-    with pytest.raises(Exception, match="learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rate"):
         load_config(CLIP, ["--config.optim.learning_rate=1.0"])
 
 
 def test_wrong_type_fails_naming_it():
-    with pytest.raises(Exception, match="steps"):
+    with pytest.raises(ConfigError, match="steps"):
         load_config(CLIP, ["--config.train.steps=abc"])
 
 
@@ -57,7 +58,7 @@ def test_data_path_is_required_for_arrayrecord():
 
 
 def test_unknown_config_argument_fails():
-    with pytest.raises(Exception, match="modle"):
+    with pytest.raises(ConfigError, match="modle"):
         load_config(f"{CLIP}:modle=B/16")
     with pytest.raises(ValueError, match="known"):
         parse_arg("x=1", model="B/32")
@@ -84,8 +85,17 @@ def test_validate_errors_name_the_key(overrides, num_devices, match):
 def test_sizes_are_one_table():
     from clipjax.models.sizes import SIZES
 
-    assert set(SIZES) >= {"tiny", "S/32", "S/16", "B/32", "B/16", "L/14", "H/14", "g/14"}
-    for name in SIZES:
-        c = load_config(f"{CLIP}:model={name},batch=64,data=/data/shards")
-        validate(c, num_devices=8)
-        assert c.model.image.width % c.model.image.heads == 0
+    # The anchors' towers (OpenCLIP ViT-B/32, L/14, H/14): width, depth, heads, patch; text width, depth, heads.
+    anchors = {"B/32": (768, 12, 12, 32, 512, 12, 8, 512), "L/14": (1024, 24, 16, 14, 768, 12, 12, 768),
+               "H/14": (1280, 32, 16, 14, 1024, 24, 16, 1024)}
+    for name, (iw, idepth, iheads, patch, tw, tdepth, theads, embed) in anchors.items():
+        row = SIZES[name]
+        assert (row["image"]["width"], row["image"]["depth"], row["image"]["heads"], row["image"]["patch_size"],
+                row["text"]["width"], row["text"]["depth"], row["text"]["heads"], row["embed_dim"]) == (
+                    iw, idepth, iheads, patch, tw, tdepth, theads, embed), name
+    # Every size resolves from its row alone: configs/clip.py declares no tower widths of its own.
+    for name, row in SIZES.items():
+        m = validate(load_config(f"{CLIP}:model={name},batch=64,data=/data/shards"), num_devices=8).model
+        assert m.embed_dim == row["embed_dim"], name
+        for tower in ("image", "text"):
+            assert {k: m[tower][k] for k in row[tower]} == row[tower], (name, tower)

@@ -64,7 +64,7 @@ def test_csv_counts_and_records(tmp_path):
     assert len(by_key["l"].captions[0]) <= 1000
     for e in exs:
         assert load_rgb(e.image).size == (64, 48) and e.label == -1
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
 
 def test_csv_tsv_and_column_flags(tmp_path):

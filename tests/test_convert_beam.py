@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from clipjax.data import records
 from clipjax.data.config import data_config
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_csv, convert_wds
-from clipjax.data.pipeline import make_train_iterator
+from clipjax.data.train_input import make_train_iterator
 from test_convert import make_csv_dataset, make_tars
 
 pytestmark = pytest.mark.slow  # each Beam pipeline takes seconds to start
@@ -49,6 +49,9 @@ def test_direct_runner_two_workers_equals_single_process(tmp_path, capsys):
     assert shards(tmp_path / "beam") == shards(tmp_path / "local")  # records, keys, shard assignment
     assert leftovers(tmp_path / "beam") == []
     assert "metrics" not in capsys.readouterr().err  # Beam's counters agree with the shards' statistics
+    assert beam["beam_metrics"] == {"captions_dropped": 0, "captions_truncated": 0, "labelled": 0, "reencoded": 1,
+                                    "skipped/bad_caption": 1, "skipped/bad_image": 1, "skipped/missing_image": 1,
+                                    "skipped/unsafe_member": 4, "written": 5}
 
     # the Beam output feeds the training pipeline
     cfg = data_config()

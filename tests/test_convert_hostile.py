@@ -1,8 +1,6 @@
 """Conversion is idempotent and honest (issue 12 item 5): fingerprinted output, malformed metadata
 named, empty inputs refused, duplicate and oversized tar members counted, a skipped-input report."""
 
-import gzip
-import io
 import json
 import tarfile
 import tracemalloc

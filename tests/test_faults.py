@@ -22,7 +22,7 @@ import pytest
 
 from clipjax import checkpoint as ckpt_lib
 from clipjax.config import load_config
-from clipjax.metrics import read_metrics
+from clipjax.report import read_metrics
 from clipjax.train import LossSpikeError, NonFiniteError, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,6 +43,13 @@ def smoke(data_dir, *overrides):
 def losses_of(workdir):
     return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
             if "train/loss" in r}
+
+
+def saved_params(workdir, step):
+    """The params saved at ``step`` as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))["params"]
 
 
 def steps_on_disk(workdir):
@@ -126,7 +133,7 @@ def test_a_loss_spike_stops_the_run_before_saving_and_names_the_step_to_restart_
         train(_diverging(data_dir, "--config.optim.warmup_steps=2", "--config.checkpoint.keep=3",
                          "--config.train.loss_spike_factor=10", "--config.train.loss_spike_window=1"), run)
     assert ckpt_lib.Checkpointer(run, every=1, keep=3).all_steps() == [1, 2]  # step 3 was not saved
-    params = ckpt_lib.Checkpointer(run, every=1, keep=3).read_params(1)
+    params = saved_params(run, 1)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

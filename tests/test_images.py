@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipjax.data.images import BadImage, load_rgb, prepare, reencode
+from clipjax.data.images import BadImage, load_rgb, prepare
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -133,9 +133,9 @@ def test_prepare_keeps_or_reencodes():
         assert converted and Image.open(io.BytesIO(out)).format == "JPEG", name
         assert load_rgb(out).size == (64, 48)
     big = encode(Image.fromarray(gradient(1000, 500)), "PNG")
-    out = reencode(big, max_side=256)
+    out = prepare(big, max_side=256)[0]
     img = Image.open(io.BytesIO(out))
     assert img.format == "JPEG" and img.size == (256, 128)
-    assert reencode(s["jpeg"], max_side=64) == s["jpeg"]
+    assert prepare(s["jpeg"], max_side=64)[0] == s["jpeg"]
     with pytest.raises(BadImage):
         prepare(broken_images()["truncated"])

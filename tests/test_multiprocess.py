@@ -16,7 +16,7 @@ import time
 import pytest
 
 from clipjax import checkpoint as ckpt_lib
-from clipjax.metrics import read_metrics
+from clipjax.report import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")

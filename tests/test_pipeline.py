@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipjax import sharding
 from clipjax.data import config as data_config_lib
-from clipjax.data import pipeline, records, transforms
+from clipjax.data import eval_input, records, train_input, transforms
 
 N = 37  # odd, so the two processes get 19 and 18 records
 SIZE = 8  # tiny output images keep the tests fast
@@ -76,8 +76,8 @@ def _cfg(folder: str, **kw):
     return c
 
 
-def _train(cfg, *, batch=8, seed=0, pi=0, pc=1, mesh=None) -> pipeline.TrainIterator:
-    return pipeline.make_train_iterator(cfg, global_batch_size=batch, image_size=SIZE, context_length=16, seed=seed,
+def _train(cfg, *, batch=8, seed=0, pi=0, pc=1, mesh=None) -> train_input.TrainIterator:
+    return train_input.make_train_iterator(cfg, global_batch_size=batch, image_size=SIZE, context_length=16, seed=seed,
                                         mesh=mesh, process_index=pi, process_count=pc)
 
 
@@ -159,23 +159,26 @@ def test_orbax_checkpoint_roundtrip(shards, tmp_path):
         mngr.wait_until_finished()
         it.close()
         fresh = _train(_cfg(shards))
-        mngr.restore(2, args=ocp.args.Composite(data=pipeline.restore_args(fresh)))
+        mngr.restore(2, args=ocp.args.Composite(data=fresh.restore_args()))
     _assert_same(head + _take(fresh, 3), whole)
 
 
 def test_bad_images_are_skipped_and_counted(bad_shards):
-    it = _train(_cfg(bad_shards, shuffle=False, max_skip_fraction=0.6), batch=10)
-    batches = _take(it, 3)  # 30 good images need all 40 records
+    it = _train(_cfg(bad_shards, shuffle=False, max_skip_fraction=0.6, prefetch=2), batch=10)
+    batches, skipped = [], []
+    for _ in range(3):  # 30 good images need all 40 records
+        batches.append(next(it))
+        skipped.append(it.num_skipped)  # the prefetch thread has read further: the count follows the batch
     good = _indices(batches)
     np.testing.assert_array_equal(good, [i for i in range(40) if i % 4 != 1])
     # cumulative count of the bad records read up to each batch's last good one
-    assert [b["num_skipped"] for b in batches] == [sum(1 for i in range(g + 1) if i % 4 == 1) for g in good[9::10]]
-    assert batches[-1]["num_skipped"] == 10
+    assert skipped == [sum(1 for i in range(g + 1) if i % 4 == 1) for g in good[9::10]]
+    assert skipped[-1] == 10
 
 
 def test_too_many_bad_images_raise(bad_shards):
     it = _train(_cfg(bad_shards, max_skip_fraction=0.05, skip_check_after=8), batch=10)
-    with pytest.raises(pipeline.DataError, match=r"max_skip_fraction=0\.05"):
+    with pytest.raises(train_input.DataError, match=r"max_skip_fraction=0\.05"):
         _take(it, 3)
 
 
@@ -183,7 +186,7 @@ def test_eval_pads_the_last_batch_and_masks(shards):
     K = 4
     seen_labels = []
     for p in range(2):
-        ev = pipeline.make_eval_iterator(_cfg(shards), split="val", batch_size=16, image_size=SIZE, context_length=16,
+        ev = eval_input.make_eval_iterator(_cfg(shards), split="val", batch_size=16, image_size=SIZE, context_length=16,
                                          max_captions=K, process_index=p, process_count=2)
         batches = list(ev)
         assert len(batches) == len(ev) == 3  # ceil(19 / 8) on both processes
@@ -210,8 +213,8 @@ def test_global_arrays_on_a_mesh(shards, devices):
     ref = _take(_train(_cfg(shards), batch=16), 2)
     got = _take(_train(_cfg(shards), batch=16, mesh=mesh), 2)
     for r, g in zip(ref, got):
-        assert isinstance(g["image"], jax.Array) and isinstance(g["num_skipped"], int)
-        assert sorted(g) == sorted(r) == ["image", "image_box", "image_hw", "num_skipped", "text"]
+        assert isinstance(g["image"], jax.Array)
+        assert sorted(g) == sorted(r) == ["image", "image_box", "image_hw", "text"]
         for key in ("image", "image_box", "image_hw", "text"):
             nd = r[key].ndim
             assert g[key].sharding.is_equivalent_to(sharding.batch_sharding(mesh, nd), nd)
@@ -219,13 +222,14 @@ def test_global_arrays_on_a_mesh(shards, devices):
 
 
 def test_tfds_source_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     cfg = data_config_lib.data_config()
     cfg.source, cfg.tfds_name, cfg.num_workers, cfg.prefetch = "tfds", "mnist", 0, 0
     with tfds.testing.mock_data(num_examples=12):
         batch = _take(_train(cfg, batch=4), 4)[-1]
         assert batch["image"].shape == (4, BUF, BUF, 3) and batch["text"].shape == (4, 16)
-        ev = pipeline.make_eval_iterator(cfg, split="test", batch_size=8, image_size=SIZE, context_length=16,
+        ev = eval_input.make_eval_iterator(cfg, split="test", batch_size=8, image_size=SIZE, context_length=16,
                                          max_captions=2, process_index=0, process_count=1)
         batches = list(ev)
     assert len(batches) == 2 and sum(int(b["mask"].sum()) for b in batches) == 12

@@ -1,5 +1,7 @@
 """The jitted train step: exact gradient accumulation, mesh invariance, NaN skipping."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ def tiny_config(batch=16, **overrides):
 def make_batch(c, seed):
     rng = np.random.default_rng(seed)
     b, t = c.train.batch_size, c.model.text.context_length
-    p = batch_spec(c)["image"][0][0]
+    p = batch_spec(validate(c))["image"][0][0]
     ids = rng.integers(1, c.model.text.vocab_size - 1, size=(b, t)).astype(np.int32)
     ids[:, -1] = c.model.text.vocab_size - 1
     top_left = rng.uniform(0, p / 4, size=(b, 2))
@@ -113,9 +115,11 @@ def test_fsdp_shards_params_and_optimizer_state(devices):
     setup = make_setup(c, sharding.mesh_from_config(c.mesh, devices))
     fc = setup.state_shardings.params["image"]["transformer"]["blocks"]["mlp"]["fc_kernel"]
     assert "fsdp" in jax.tree.leaves(tuple(fc.spec))
-    mu = setup.state_shardings.opt_state
-    specs = {str(s.spec) for s in jax.tree.leaves(mu, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))}
-    assert any("fsdp" in s for s in specs)  # Adam moments follow the params
+    def sharded(tree):
+        return sum("fsdp" in str(s.spec) for s in jax.tree.leaves(tree))
+
+    # Adam's mu and nu of each sharded parameter are sharded; nothing else is.
+    assert sharded(setup.state_shardings.opt_state) == 2 * sharded(setup.state_shardings.params) > 0
 
 
 def test_nan_batch_is_skipped_without_touching_weights(devices):
@@ -140,6 +144,21 @@ def test_nan_batch_is_skipped_without_touching_weights(devices):
 
 
 def test_logit_scale_is_clamped_after_update(devices):
-    c = tiny_config(**{"model.max_logit_scale": 15.0})
-    _, hist = run_steps(c, [make_batch(c, 0)], devices)
-    assert hist[0]["train/scale"] <= 15.0 + 1e-4
+    # Initialised above the cap (log(1/0.07) > log(10)): one small step cannot bring it under by itself.
+    c = tiny_config(**{"model.max_logit_scale": 10.0})
+    state, hist = run_steps(c, [make_batch(c, 0)], devices)
+    assert hist[0]["train/scale"] == pytest.approx(1 / 0.07, rel=1e-5)  # the step saw the initial scale
+    assert float(state.params["logit_scale"]) == pytest.approx(math.log(10.0), abs=1e-6)
+
+def test_sigmoid_loss_over_the_ring_with_map_pooling(devices):
+    """The real step with SigLIP's loss through the ring and attention pooling equals the dense loss."""
+    common = {"loss.kind": "sigmoid", "model.image.pool": "map", "model.image.class_token": False,
+              "optim.warmup_steps": 0}
+    c = tiny_config(**common, **{"loss.impl": "ring"})
+    batches = [make_batch(c, 0)] * 3
+    ring = run_steps(c, batches, devices)[1]
+    dense = run_steps(tiny_config(**common, **{"loss.impl": "dense"}), batches, devices)[1]
+    for r, d in zip(ring, dense):
+        assert bool(r["train/finite"]) and r["train/loss"] == pytest.approx(d["train/loss"], rel=1e-4)
+    # At bias -10 every positive pair costs about 10 nats: far above a softmax loss (log 16).
+    assert ring[0]["train/loss"] > 8 and ring[2]["train/loss"] < ring[0]["train/loss"]

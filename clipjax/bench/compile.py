@@ -41,7 +41,7 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
 
     from clipjax import config as config_lib
     from clipjax import sharding
-    from clipjax import mfu as mfu_lib
+    from clipjax import hlo_flops
     from clipjax.train_step import compile_train_step, make_setup
 
     if mesh_sizes:
@@ -55,7 +55,7 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
     compiled = compile_train_step(setup)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    flops = mfu_lib.compiled_flops(compiled) or 0.0
+    flops = hlo_flops.compiled_flops(compiled) or 0.0
     gib = 1024**3
     args_b = getattr(mem, "argument_size_in_bytes", 0)
     temp_b = getattr(mem, "temp_size_in_bytes", 0)

@@ -73,12 +73,12 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
                   tokenizer: str, passes: int) -> tuple[float, float]:
     """(images/s, CPU ms an image of this process) of the train pipeline over ``passes``
     epochs, after one warm-up batch. With 0 workers the CPU time is all the work."""
-    from clipjax.data import config, pipeline
+    from clipjax.data import config, train_input
 
     cfg = config.data_config()
     cfg.source, cfg.path, cfg.num_workers, cfg.draft_decode, cfg.tokenizer = "arrayrecord", folder, workers, draft, tokenizer
     cfg.prefetch = 0 if workers == 0 else 2  # 0 workers: everything on this one core
-    it = pipeline.make_train_iterator(cfg, global_batch_size=batch, image_size=image_size, context_length=77,
+    it = train_input.make_train_iterator(cfg, global_batch_size=batch, image_size=image_size, context_length=77,
                                       seed=0, process_index=0, process_count=1)
     try:
         next(it)  # worker start-up is not throughput

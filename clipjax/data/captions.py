@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BadCaption", "clean_caption", "clean_caption_info", "MAX_CHARS"]
+__all__ = ["BadCaption", "clean_caption_info", "MAX_CHARS"]
 
 MAX_CHARS = 4096  # far beyond any tokenizer window (77 tokens); keeps records small
 # C0/C1 control characters other than tab/newline/CR, and NUL: they only come from broken scrapes.
@@ -16,19 +16,9 @@ class BadCaption(ValueError):
     """A caption that cannot be used; ``str(e)`` is the reason."""
 
 
-def clean_caption(raw: bytes | str, *, max_chars: int = MAX_CHARS) -> str:
-    """UTF-8 text with control characters removed, whitespace collapsed, cut to ``max_chars``.
-
-    Raises ``BadCaption`` for bytes that are not valid UTF-8 (a wrong encoding would
-    silently become mojibake) and for captions that are empty after cleaning.
-    """
-    return clean_caption_info(raw, max_chars=max_chars)[0]
-
-
 def clean_caption_info(raw: bytes | str, *, max_chars: int = MAX_CHARS) -> tuple[str, bool]:
-    """``(clean_caption(raw), whether it was cut)``.
-
-    UTF-8 text with control characters removed, whitespace collapsed, cut to ``max_chars``.
+    """``(text, whether it was cut)``: UTF-8 with control characters removed, whitespace
+    collapsed, cut to ``max_chars``.
 
     Raises ``BadCaption`` for bytes that are not valid UTF-8 (a wrong encoding would
     silently become mojibake) and for captions that are empty after cleaning.

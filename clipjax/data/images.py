@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["BadImage", "load_rgb", "reencode", "prepare", "MAX_PIXELS", "FORMATS"]
+__all__ = ["BadImage", "load_rgb", "prepare", "MAX_PIXELS", "FORMATS"]
 
 # Formats PIL may open. An allow-list keeps PIL away from plugins that run external
 # programs (EPS -> ghostscript) or parse exotic containers.
@@ -146,8 +146,3 @@ def prepare(data: bytes, max_side: int | None = None, *, quality: int = 90,
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue(), True
-
-
-def reencode(data: bytes, max_side: int | None = None, quality: int = 90) -> bytes:
-    """Bytes to store for an image: see ``prepare``; raises ``BadImage``."""
-    return prepare(data, max_side, quality=quality)[0]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import msgpack
 from array_record.python import array_record_module
 
+from clipjax.atomic import atomic_path
+
 
 @dataclass(frozen=True)
 class Example:
@@ -54,16 +56,16 @@ def shard_paths(folder: str, split: str) -> list[str]:
 class ShardWriter:
     """Writes encoded examples to one ArrayRecord shard, atomically on close.
 
-    The shard is written as ``<path>.tmp.<pid>`` and renamed when closed, so a killed
-    converter never leaves a half-written shard under its final name, and processes
-    writing the same shard at once (identical bytes) never share a file.
+    The shard is written beside its final name (``atomic.atomic_path``) and renamed when
+    closed, so a killed converter never leaves a half-written shard under its final
+    name, and processes writing the same shard at once (identical bytes) never share a file.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self._tmp = f"{path}.tmp.{os.getpid()}"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._writer = array_record_module.ArrayRecordWriter(self._tmp, "group_size:1")
+        self._target = atomic_path(path)
+        self._writer = array_record_module.ArrayRecordWriter(self._target.__enter__(), "group_size:1")
         self.count = 0
 
     def write(self, example: Example) -> None:
@@ -71,16 +73,11 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
-        self._writer.close()
-        os.replace(self._tmp, self.path)
+        self.__exit__(None, None, None)
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._writer.close()
-            if os.path.exists(self._tmp):
-                os.remove(self._tmp)
+        self._writer.close()
+        self._target.__exit__(exc_type, exc, tb)

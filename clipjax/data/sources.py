@@ -15,6 +15,8 @@ import numpy as np
 
 from clipjax.data import records
 
+SOURCES = ("synthetic", "arrayrecord", "tfds")
+
 
 class ExampleSource(Protocol):
     def __len__(self) -> int: ...

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipjax.atomic import atomic_path
 from clipjax.data import records
 from clipjax.errors import ArgumentParser
 
@@ -66,11 +67,6 @@ _REGIONS = {
     "in the middle": (0.15, 0.15, 0.85, 0.85),
 }
 _SPLIT_IDS = {SPLIT_TRAIN: 0, SPLIT_HELDOUT: 1}
-
-
-def label_of(colour: str, shape: str) -> int:
-    """Class index of a colour x shape pair in ``CLASSES``."""
-    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
 def is_heldout(label: int, size: str, count: str, position: str) -> bool:
@@ -206,10 +202,9 @@ def generate(folder: str, synth_cfg: Any) -> dict[str, Any]:
                 for i in range(lo, hi):
                     w.write(make_example(st["seed"], split, i, st["image_size"], st["jpeg_quality"]))
     info = info_for(st)
-    tmp = os.path.join(folder, f"{INFO_FILE}.tmp.{os.getpid()}")  # per process: several may generate at once
-    with open(tmp, "w") as f:
+    # Last and atomic (per process: several may generate at once): marks the folder complete.
+    with atomic_path(os.path.join(folder, INFO_FILE)) as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(folder, INFO_FILE))  # last and atomic: marks the folder complete
     return info
 
 

@@ -30,7 +30,6 @@ import numpy as np
 
 __all__ = ["Tokenizer", "ClipTokenizer", "ByteTokenizer", "get_tokenizer", "default_bpe_path", "bytes_to_unicode"]
 
-KINDS = ("clip", "bytes")
 
 # CLIP's pre-tokenisation regex (applied to lowercased, cleaned text, case-insensitively).
 # The special-token alternatives are kept out: they are handled by ``_encode_slow``.
@@ -131,7 +130,9 @@ def read_bpe(path: str) -> tuple[list[str], list[tuple[str, str]]]:
 class ClipTokenizer(Tokenizer):
     """OpenAI CLIP's tokenizer (ids identical), built on ``tokenizers`` and run with ``encode_batch``."""
 
-    pad_id = 0
+    # Of CLIP's own merges file; an instance reads its file's (the class values are for config validation).
+    vocab_size = 2 * 256 + _NUM_MERGES + 2
+    pad_id, sot_id, eot_id = 0, vocab_size - 2, vocab_size - 1
 
     def __init__(self, bpe_path: str | None = None, context_length: int = 77):
         from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers
@@ -295,6 +296,10 @@ class ByteTokenizer(Tokenizer):
             if i >= self.offset:
                 out.append(i - self.offset)
         return out.decode("utf-8", errors="replace")
+
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {"clip": ClipTokenizer, "bytes": ByteTokenizer}
+KINDS = tuple(TOKENIZERS)
 
 
 def get_tokenizer(kind: str, *, context_length: int, bpe_path: str | None = None) -> Tokenizer:

@@ -20,10 +20,10 @@ from typing import Any
 
 import ml_collections
 
+from clipjax.data.sources import SOURCES
 from clipjax.evals.classnames import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
 EVAL_KINDS = ("zeroshot", "retrieval")
-EVAL_SOURCES = ("synthetic", "arrayrecord", "tfds")
 
 
 def _common(kind: str) -> dict[str, Any]:
@@ -110,8 +110,8 @@ def validate_evals_config(evals: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"{key}.{f}={e[f]!r} must be an integer >= 0")
         if not isinstance(e.batch_size, int) or e.batch_size <= 0:
             raise ValueError(f"{key}.batch_size={e.batch_size!r} must be a positive integer")
-        if e.source not in EVAL_SOURCES:
-            raise ValueError(f"{key}.source={e.source!r}; choose one of {list(EVAL_SOURCES)}")
+        if e.source not in SOURCES:
+            raise ValueError(f"{key}.source={e.source!r}; choose one of {list(SOURCES)}")
         if e.source == "arrayrecord" and not e.path:
             raise ValueError(f"{key}.path: source='arrayrecord' needs the folder of shards")
         if e.source == "tfds":

@@ -27,7 +27,6 @@ counts image->text competitors.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -116,15 +115,6 @@ def _layout(num_images: int, num_captions: int, mesh: Mesh, chunk_size: int) -> 
     cols = _tile_cols(n_pad // shards, max(num_captions, 1), shards, chunk_size)
     m_pad = -(-max(num_captions, 1) // (shards * cols)) * (shards * cols)
     return n_pad, m_pad, cols
-
-
-def lower_ranker(num_images: int, num_captions: int, embed_dim: int, *, mesh: Mesh, chunk_size: int = 0):
-    """The lowered rank computation for given sizes (for memory analysis without data)."""
-    n_pad, m_pad, cols = _layout(num_images, num_captions, mesh, chunk_size)
-    f = _compiled_ranker(mesh, cols)
-    sds = jax.ShapeDtypeStruct
-    return f.lower(sds((n_pad, embed_dim), jnp.float32), sds((n_pad,), jnp.bool_),
-                   sds((m_pad, embed_dim), jnp.float32), sds((m_pad,), jnp.int32), sds((m_pad,), jnp.bool_))
 
 
 def _put(x: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -233,14 +223,3 @@ def embedding_diagnostics(zimg_NE, ztxt_ME, owner_M) -> dict[str, float]:
     num_neg = n * m - m
     neg = (total - float(pos.sum())) / num_neg if num_neg else float("nan")
     return {"modality_gap": gap, "pos_sim": float(pos.mean()), "neg_sim": neg}
-
-
-def memory_report(num_images: int = 5000, num_captions: int = 25000, embed_dim: int = 512, *,
-                  mesh: Mesh | None = None, chunk_size: int = 0) -> dict[str, int]:
-    """Compiled per-device memory of the rank computation next to the dense matrix's size."""
-    mesh = mesh or _single_device_mesh()
-    compiled = lower_ranker(num_images, num_captions, embed_dim, mesh=mesh, chunk_size=chunk_size).compile()
-    ma = compiled.memory_analysis()
-    return {"temp_bytes": int(ma.temp_size_in_bytes), "argument_bytes": int(ma.argument_size_in_bytes),
-            "output_bytes": int(ma.output_size_in_bytes), "dense_matrix_bytes": int(num_images) * int(num_captions) * 4,
-            "devices": int(math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))}

@@ -50,16 +50,6 @@ def valid_labels(labels_N: jax.Array, num_classes: int, mask_N: jax.Array | None
     return ok if mask_N is None else ok & mask_N.astype(bool)
 
 
-def zeroshot_accuracy(zimg_NE: jax.Array, zcls_CE: jax.Array, labels_N: jax.Array, mask_N: jax.Array | None = None,
-                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, jax.Array]:
-    """``{"top{k}": accuracy}`` over valid examples (jittable with ``ks`` static); k clipped to C."""
-    c = zcls_CE.shape[0]
-    ranks = zeroshot_ranks(zimg_NE, zcls_CE, labels_N)
-    ok = valid_labels(labels_N, c, mask_N)
-    count = jnp.maximum(jnp.sum(ok), 1)
-    return {f"top{k}": jnp.sum(ok & (ranks <= min(k, c))) / count for k in ks}
-
-
 def accuracy_from_ranks(ranks_N: np.ndarray, ok_N: np.ndarray, num_classes: int,
                         ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Host-side top-k accuracy from gathered ranks (NaN when nothing is valid)."""

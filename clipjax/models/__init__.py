@@ -40,8 +40,7 @@ def build_model(m) -> CLIP:
         width=m.text.width, depth=m.text.depth, num_heads=m.text.heads, mlp_dim=m.text.mlp_dim,
         vocab_size=m.text.vocab_size, context_length=m.text.context_length, embed_dim=m.embed_dim,
         pool=m.text.pool, causal=m.text.causal, pad_id=m.text.pad_id, eot_id=m.text.get("eot_id"), **common)
-    return CLIP(image=image, text=text, init_logit_scale=m.init_logit_scale, max_logit_scale=m.max_logit_scale,
-                init_logit_bias=m.init_logit_bias)
+    return CLIP(image=image, text=text, init_logit_scale=m.init_logit_scale, init_logit_bias=m.init_logit_bias)
 
 
 def dummy_inputs(m, batch: int = 1) -> tuple[jax.Array, jax.Array]:

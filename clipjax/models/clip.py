@@ -23,14 +23,14 @@ class CLIP(nn.Module):
     """Image tower + text tower + log-scale (+ optional bias for the sigmoid loss).
 
     ``__call__(images_BHWC, ids_BT)`` returns ``(zimg_BE, ztxt_BE, scale, bias)``:
-    normalised embeddings, ``scale = exp(min(log_scale, log(max_scale)))`` and
-    the bias (``None`` when the model has none).
+    normalised embeddings, ``scale = exp(logit_scale)`` and the bias (``None`` when
+    the model has none). The train step keeps ``logit_scale`` at most
+    ``log(model.max_logit_scale)`` (``optim.clamp_logit_scale``).
     """
 
     image: ImageTower
     text: TextTower
     init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = 100.0
     init_logit_bias: float | None = None
 
     def setup(self) -> None:
@@ -45,9 +45,8 @@ class CLIP(nn.Module):
         return l2_normalize(self.text(ids_BT))
 
     def scale_and_bias(self) -> tuple[jax.Array, Any]:
-        log_scale = jnp.minimum(self.logit_scale, math.log(self.max_logit_scale))
         bias = self.logit_bias if self.init_logit_bias is not None else None
-        return jnp.exp(log_scale), bias
+        return jnp.exp(self.logit_scale), bias
 
     def __call__(self, images_BHWC: jax.Array, ids_BT: jax.Array):
         scale, bias = self.scale_and_bias()

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from etils import epath
 
+from clipjax.atomic import write_text
 from clipjax.data.convert import fingerprint as fingerprint_lib
 from clipjax.data.convert.example import ShardStats
 from clipjax.data.convert.labels import ClassNames
@@ -39,7 +40,8 @@ def _run_local(todo: list[ShardTask], opts: ConvertOptions) -> None:
             run_task(t, opts)
 
 
-def _run_beam(todo: list[ShardTask], opts: ConvertOptions, runner: str, beam_args: Sequence[str]) -> None:
+def _run_beam(todo: list[ShardTask], opts: ConvertOptions, runner: str, beam_args: Sequence[str]) -> dict[str, int]:
+    """Runs ``todo`` on Beam; returns its committed metrics, checked against the shards' statistics."""
     from clipjax.data.convert import beam
 
     metrics = beam.run_tasks(todo, opts, runner, beam_args)
@@ -50,6 +52,7 @@ def _run_beam(todo: list[ShardTask], opts: ConvertOptions, runner: str, beam_arg
     if {k: v for k, v in metrics.items() if v} != expected:  # e.g. a runner that reports attempted counts only
         print(f"warning: {runner} metrics {metrics} differ from the shards' statistics {expected}; "
               "the summary uses the statistics", file=sys.stderr)
+    return {k: metrics[k] for k in sorted(metrics)}
 
 
 def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerprint: dict[str, Any], *,
@@ -67,18 +70,20 @@ def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerpri
         stale.unlink(missing_ok=True)
     t0 = time.time()
     todo = [t for t in tasks if not is_done(opts, t)]
+    metrics = None
     if runner:
-        _run_beam(todo, opts, runner, beam_args)
+        metrics = _run_beam(todo, opts, runner, beam_args)
     else:
         _run_local(todo, opts)
     for stale in split_files(opts, temporary_only=True):  # from retried or duplicated Beam bundles
         stale.unlink(missing_ok=True)
     return _summarise(tasks, opts, source, resumed=len(tasks) - len(todo), seconds=time.time() - t0,
-                      runner=runner or "local", classes=len(classes.names) if classes is not None else 0)
+                      runner=runner or "local", classes=len(classes.names) if classes is not None else 0,
+                      metrics=metrics)
 
 
 def _summarise(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, *, resumed: int, seconds: float,
-               runner: str, classes: int) -> dict[str, Any]:
+               runner: str, classes: int, metrics: dict[str, int] | None) -> dict[str, Any]:
     total = ShardStats()
     for t in tasks:
         total.add(read_stats(opts, t))
@@ -94,11 +99,10 @@ def _summarise(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, *,
         "captions_dropped": total.captions_dropped, "shards": len(tasks), "shards_resumed": resumed,
         "runner": runner, "seconds": round(seconds, 3),
     }
+    if metrics is not None:
+        summary["beam_metrics"] = metrics  # this run's shards only; the counts above include resumed ones
     summary["ok"] = summary["skip_fraction"] <= opts.max_skip_fraction
-    out = epath.Path(opts.out_dir)
-    tmp = out / f"{opts.split}-summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / f"{opts.split}-summary.json")
+    write_text(os.path.join(opts.out_dir, f"{opts.split}-summary.json"), json.dumps(summary, indent=2))
     if opts.skipped_report:
         lines = [json.dumps({"key": k, "input": i, "reason": r, "detail": d}) + "\n"
                  for k, i, r, d in total.skipped_inputs]

@@ -16,6 +16,7 @@ from typing import Any
 
 from etils import epath
 
+from clipjax.atomic import write_text
 from clipjax.data.convert.options import ConvertError, ConvertOptions
 from clipjax.data.convert.shards import STATS_DIR, split_files
 
@@ -51,7 +52,4 @@ def prepare_output(opts: ConvertOptions, fingerprint: dict[str, Any]) -> None:
     if opts.overwrite:  # replace whatever is there, changed or not
         for p in existing + [epath.Path(os.path.join(opts.out_dir, f"{opts.split}-summary.json"))]:
             p.unlink(missing_ok=True)
-    fp_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = epath.Path(f"{fp_path}.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-    tmp.replace(fp_path)
+    write_text(fp_path, json.dumps(fingerprint, indent=2, sort_keys=True))

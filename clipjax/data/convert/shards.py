@@ -20,6 +20,7 @@ from typing import Iterator
 
 from etils import epath
 
+from clipjax.atomic import atomic_path, write_text
 from clipjax.data import records
 from clipjax.data.convert.example import Item, ShardStats, make_example
 from clipjax.data.convert.options import ConvertOptions
@@ -74,13 +75,6 @@ def task_examples(task: ShardTask, opts: ConvertOptions, stats: ShardStats) -> I
             yield ex
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = epath.Path(f"{path}.tmp.{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_task(task: ShardTask, opts: ConvertOptions) -> ShardStats:
     """Converts one shard's inputs and writes the shard and its statistics atomically."""
     final = shard_path(opts, task.index, task.count)
@@ -92,16 +86,15 @@ def run_task(task: ShardTask, opts: ConvertOptions) -> ShardStats:
     try:
         for ex in task_examples(task, opts, stats):
             writer.write(ex)
-        _write_text_atomic(stats_path(opts, task.index, task.count), json.dumps(stats.to_json()))
+        write_text(stats_path(opts, task.index, task.count), json.dumps(stats.to_json()))
     except BaseException:
         writer.__exit__(RuntimeError, None, None)  # closes and removes the temporary shard
         raise
     writer.close()
     if remote:
         try:
-            staged = epath.Path(f"{final}.tmp.{os.getpid()}")
-            epath.Path(local).copy(staged, overwrite=True)
-            staged.replace(final)
+            with atomic_path(final) as staged:
+                epath.Path(local).copy(staged, overwrite=True)
         finally:
             epath.Path(local).unlink(missing_ok=True)
             os.rmdir(os.path.dirname(local))

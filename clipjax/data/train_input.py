@@ -1,6 +1,6 @@
-"""Grain input pipelines: an endless shuffled train stream and one-pass eval.
+"""The grain training stream: endless, shuffled, augmented, checkpointable.
 
-Train, per process::
+Per process::
 
     position p of this process's stream
       -> (epoch, record): the epoch's global permutation, entries
@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import collections
 import functools
-import logging
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
 from grain.experimental import index_shuffle
-from PIL import Image
 
-from clipjax.data import images as images_lib
 from clipjax.data import sources as sources_lib
 from clipjax.data import transforms
+from clipjax.data.loading import (DATASET_OPTIONS, SYNC_READ, LazyTokenizer, decode_or_none, log, mp_options,
+                                  process_slot, to_global)
 from clipjax.errors import UserError
-
-log = logging.getLogger("clipjax.data")
 
 # Up to this many records an epoch's permutation is a cached array: grain's index_shuffle
 # cycle-walks, so on small sets it costs ~0.1 ms an index (3.5 us from ~1e5 records on).
@@ -45,38 +42,10 @@ _STREAM_END = 2**62  # "endless": positions are plain ints, far beyond any run
 # A grain element carries this many consecutive stream positions: one queue message and
 # one state read per task instead of per example (both cost about as much as the copy).
 _ROWS_PER_TASK = 16
-# Arrays below this travel pickled; grain would otherwise make a shared-memory segment for
-# every array, which costs more than copying a few KiB.
-_DATASET_OPTIONS = grain.experimental.DatasetOptions(min_shm_size=1 << 16)
-_SYNC_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # one core per worker, no reordering
 
 
 class DataError(UserError, RuntimeError):
     """The input pipeline cannot go on (e.g. too many undecodable images)."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    return int(process_index), int(process_count)
-
-
-def _mp_options(num_workers: int, buffer: int) -> grain.MultiprocessingOptions:
-    # grain's worker launch reads absl flags; programs that never parsed them (pytest, notebooks,
-    # argparse CLIs) would fail with UnparsedFlagAccessError, so use the defaults.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-    return grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
 
 
 @functools.lru_cache(maxsize=16)
@@ -85,41 +54,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1)[0])
 
 
-class _LazyTokenizer:
-    """Builds the tokenizer on first use, so it is created inside each worker."""
-
-    def __init__(self, kind: str, context_length: int, bpe_path: str):
-        self.kind, self.context_length, self.bpe_path = kind, int(context_length), bpe_path or None
-        self._tok = None
-
-    def get(self):
-        if self._tok is None:
-            from clipjax.data.tokenizer import get_tokenizer
-
-            self._tok = get_tokenizer(self.kind, context_length=self.context_length, bpe_path=self.bpe_path)
-        return self._tok
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__, _tok=None)
-
-
-def _decode_or_none(fn, *args) -> dict[str, np.ndarray] | None:
-    """The image's batch fields, or None for bad bytes (counted by the caller, never raised)."""
-    try:
-        return fn(*args)
-    except (images_lib.BadImage, OSError, ValueError, Image.DecompressionBombError) as e:
-        log.debug("skipping undecodable image: %s", e)
-        return None
-
-
-# --------------------------------------------------------------------------- train
-
-
 class _TrainElement:
     """Stream position -> one prepared example (runs in grain workers; picklable)."""
 
     def __init__(self, source, *, seed: int, shuffle: bool, process_index: int, process_count: int,
-                 opts: transforms.ImageOptions, tokenizer: _LazyTokenizer, caption_choice: str):
+                 opts: transforms.ImageOptions, tokenizer: LazyTokenizer, caption_choice: str):
         self.source, self.seed, self.shuffle = source, int(seed), bool(shuffle)
         self.num_records = len(source)
         self.process_index, self.process_count = process_index, process_count
@@ -159,7 +98,7 @@ class _TrainElement:
             log.debug("skipping unreadable record %d: %s", record, e)
             return {"ok": np.False_}
         captions = ex["captions"]
-        fields = _decode_or_none(transforms.train_image, ex["image"], rng, self.opts) if captions else None
+        fields = decode_or_none(transforms.train_image, ex["image"], rng, self.opts) if captions else None
         if fields is None:
             return {"ok": np.False_}
         k = int(rng.integers(len(captions))) if self.caption_choice == "random" else 0
@@ -218,7 +157,7 @@ class _TrainBatches(grain.DatasetIterator):
     def __init__(self, element_fn: _TrainElement, *, batch_size: int, num_workers: int, worker_buffer: int,
                  max_skip_fraction: float, skip_check_after: int, source_name: str):
         super().__init__()
-        self._fn, self._batch_size = element_fn, int(batch_size)
+        self.element_fn, self._batch_size = element_fn, int(batch_size)
         self._num_workers, self._worker_buffer = int(num_workers), int(worker_buffer)
         self._max_skip_fraction, self._skip_check_after = float(max_skip_fraction), int(skip_check_after)
         self._source_name = source_name
@@ -229,10 +168,10 @@ class _TrainBatches(grain.DatasetIterator):
     def _open(self) -> grain.DatasetIterator:
         if self._elements is None:
             first, skip = divmod(self._position, _ROWS_PER_TASK)
-            ds = grain.MapDataset.range(first, _STREAM_END // _ROWS_PER_TASK).map(_TrainTask(self._fn))
-            ds = grain.experimental.WithOptionsIterDataset(ds.to_iter_dataset(_SYNC_READ), _DATASET_OPTIONS)
+            ds = grain.MapDataset.range(first, _STREAM_END // _ROWS_PER_TASK).map(_TrainTask(self.element_fn))
+            ds = grain.experimental.WithOptionsIterDataset(ds.to_iter_dataset(SYNC_READ), DATASET_OPTIONS)
             if self._num_workers > 0:
-                ds = ds.mp_prefetch(_mp_options(self._num_workers, self._worker_buffer))
+                ds = ds.mp_prefetch(mp_options(self._num_workers, self._worker_buffer))
             self._elements = iter(ds)
             self._pending = collections.deque(_unpack(next(self._elements))[skip:])
         return self._elements
@@ -253,9 +192,8 @@ class _TrainBatches(grain.DatasetIterator):
                 self._check_skips()
                 continue
             rows.append(row)
-        batch: dict[str, Any] = transforms.batch_regions(rows, self._fn.opts.buffer_size)
+        batch: dict[str, Any] = transforms.batch_regions(rows, self.element_fn.opts.buffer_size)
         batch["text"] = np.stack([r["text"] for r in rows])
-        batch["num_skipped"] = int(self._skipped)
         return batch
 
     def _check_skips(self) -> None:
@@ -273,9 +211,6 @@ class _TrainBatches(grain.DatasetIterator):
         self.close()
         self._position, self._skipped = int(state["position"]), int(state["num_skipped"])
 
-    def start_prefetch(self) -> None:
-        self._open()
-
     def close(self) -> None:
         if self._elements is not None:
             self._elements.close()
@@ -286,39 +221,28 @@ class _TrainBatches(grain.DatasetIterator):
         return f"TrainBatches(batch_size={self._batch_size}, num_workers={self._num_workers})"
 
 
-def _to_global(batch: dict[str, Any], mesh) -> dict[str, Any]:
-    import jax
-
-    from clipjax import sharding
-
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-            if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-
-
 class TrainIterator:
     """Endless iterator of train batches with a checkpointable state.
 
     Yields ``{"image": uint8 [b, P, P, 3], "image_box": float32 [b, 4], "image_hw": int32 [b, 2],
-    "text": int32 [b, L], "num_skipped": int}`` (the image fields are described in
-    ``resize.py``, which turns them into model input on the device; ``num_skipped`` is
-    cumulative on this process). ``b`` is the per-process batch as
+    "text": int32 [b, L]}`` (the image fields are described in ``resize.py``, which
+    turns them into model input on the device). ``b`` is the per-process batch as
     numpy, or the global batch as ``jax.Array`` sharded over the batch axes when a
     mesh was given. Save with the weights via ``save_args`` / ``restore_args``.
     """
 
-    def __init__(self, batches: _TrainBatches, *, prefetch: int, mesh=None, local_batch_size: int,
-                 source: Any = None):
-        self._batches = batches
+    def __init__(self, batches: _TrainBatches, *, prefetch: int, mesh=None):
+        self._element_fn = batches.element_fn
         self._top: grain.DatasetIterator = (
             grain.experimental.ThreadPrefetchDatasetIterator(batches, prefetch) if prefetch > 0 else batches)
-        self.mesh, self.local_batch_size, self.source = mesh, local_batch_size, source
+        self.mesh = mesh
 
     def __iter__(self) -> "TrainIterator":
         return self
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._top)
-        return _to_global(batch, self.mesh) if self.mesh is not None else batch
+        return to_global(batch, self.mesh) if self.mesh is not None else batch
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable state: the next batch starts at this stream position."""
@@ -335,7 +259,7 @@ class TrainIterator:
         starts at the first global slot that no saved process had read; slots past it
         that a process ahead had already read (it skipped bad examples) are read again.
         """
-        fn, m = self._batches._fn, len(states)
+        fn, m = self._element_fn, len(states)
         n = fn.num_records
 
         def global_slot(position: int, index: int) -> int:
@@ -351,15 +275,17 @@ class TrainIterator:
         self.set_state({"position": epoch * fn.local_len + k, "num_skipped": skipped})
 
     @property
-    def grain_iterator(self) -> grain.DatasetIterator:
-        """The grain iterator whose state this is (what the orbax grain handler saves)."""
-        return self._top
+    def num_skipped(self) -> int:
+        """Examples this process skipped (undecodable, no caption) up to the last batch yielded."""
+        return int(self._top.get_state()["num_skipped"])
 
-    def save_args(self):
-        return save_args(self)
+    def save_args(self) -> grain.checkpoint.CheckpointSave:
+        """Orbax args saving the stream state as the item "data" (one JSON file per process)."""
+        return grain.checkpoint.CheckpointSave(self._top)
 
-    def restore_args(self):
-        return restore_args(self)
+    def restore_args(self) -> grain.checkpoint.CheckpointRestore:
+        """Orbax args restoring the item "data" into this iterator in place."""
+        return grain.checkpoint.CheckpointRestore(self._top)
 
     def close(self) -> None:
         self._top.close()
@@ -369,16 +295,6 @@ class TrainIterator:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def save_args(it: TrainIterator):
-    """Orbax args saving ``it``'s state as the item "data" (one JSON file per process)."""
-    return grain.checkpoint.CheckpointSave(it.grain_iterator)
-
-
-def restore_args(it: TrainIterator):
-    """Orbax args restoring the item "data" into ``it`` in place."""
-    return grain.checkpoint.CheckpointRestore(it.grain_iterator)
 
 
 def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
@@ -393,7 +309,7 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     from clipjax.data.config import validate_data_config
 
     validate_data_config(data_cfg)
-    pi, pc = _process(process_index, process_count)
+    pi, pc = process_slot(process_index, process_count)
     if global_batch_size % pc:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}")
     if seed < 0:
@@ -402,7 +318,7 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     source = sources_lib.open_source(data_cfg, data_cfg.train_split)
     fn = _TrainElement(source, seed=seed, shuffle=data_cfg.shuffle, process_index=pi, process_count=pc,
                        opts=transforms.ImageOptions.from_config(data_cfg, image_size),
-                       tokenizer=_LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path),
+                       tokenizer=LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path),
                        caption_choice=data_cfg.caption_choice)
     workers = int(data_cfg.num_workers)
     # Workers keep about `prefetch` batches ready between them.
@@ -410,118 +326,4 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     batches = _TrainBatches(fn, batch_size=local_batch, num_workers=workers, worker_buffer=worker_buffer,
                             max_skip_fraction=data_cfg.max_skip_fraction,
                             skip_check_after=data_cfg.skip_check_after, source_name=repr(source))
-    return TrainIterator(batches, prefetch=int(data_cfg.prefetch), mesh=mesh, local_batch_size=local_batch,
-                         source=source)
-
-
-# --------------------------------------------------------------------------- eval
-
-
-class _EvalElement:
-    """Process-local position -> one centre-cropped example with all its captions (or padding)."""
-
-    def __init__(self, source, *, process_index: int, process_count: int, opts: transforms.ImageOptions,
-                 tokenizer: _LazyTokenizer, max_captions: int):
-        self.source, self.opts, self.tokenizer, self.max_captions = source, opts, tokenizer, int(max_captions)
-        self.records = sources_lib.shard_positions(len(source), process_index, process_count)
-
-    def __call__(self, position: int) -> dict[str, np.ndarray]:
-        k, L = self.max_captions, self.tokenizer.context_length
-        out = {**transforms.empty_region(), "text": np.zeros((k, L), np.int32),
-               "text_mask": np.zeros((k,), bool), "label": np.int32(-1), "mask": np.False_, "bad": np.False_}
-        if position >= len(self.records):
-            return out  # padding of the final batch
-        ex = self.source[self.records[position]]
-        out["label"] = np.int32(ex["label"])
-        tok = self.tokenizer.get()
-        captions = list(ex["captions"])[:k]
-        out["text"][:] = tok.pad_id
-        if captions:
-            out["text"][: len(captions)] = tok(captions)
-            out["text_mask"][: len(captions)] = True
-        fields = _decode_or_none(transforms.eval_image, ex["image"], self.opts)
-        if fields is None:
-            out["bad"] = np.True_  # kept as a masked row so positions stay aligned
-        else:
-            out.update(fields, mask=np.True_)
-        return out
-
-
-def _batch_eval(rows: list[dict[str, np.ndarray]], buffer_size: int) -> dict[str, np.ndarray]:
-    batch = transforms.batch_regions(rows, buffer_size)
-    batch.update({key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in ("pixels", *batch)})
-    return batch
-
-
-class EvalIterator:
-    """One pass over a split, every process yielding the same number of batches.
-
-    Yields the image fields of ``resize.IMAGE_KEYS`` and ``{"label": int32 [b] (-1: none),
-    "text": int32 [b, K, L], "text_mask": bool [b, K], "mask": bool [b]}``; rows with
-    ``mask`` False are padding (or undecodable images, counted in ``num_skipped``).
-    """
-
-    def __init__(self, ds: grain.IterDataset, *, num_batches: int, num_examples: int, mesh=None):
-        self._ds, self.num_batches, self.num_examples, self.mesh = ds, num_batches, num_examples, mesh
-        self.num_skipped = 0
-        self._it: Iterator | None = None
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> "EvalIterator":
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._it is None:
-            self._it = iter(self._ds)
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.close()
-            raise
-        self.num_skipped += int(batch.pop("bad").sum())
-        return _to_global(batch, self.mesh) if self.mesh is not None else batch
-
-    def close(self) -> None:
-        if self._it is not None and hasattr(self._it, "close"):
-            self._it.close()
-
-
-def make_eval_iterator(data_cfg_or_source_spec: Any, *, split: str, batch_size: int, image_size: int,
-                       context_length: int, max_captions: int, process_index: int | None = None,
-                       process_count: int | None = None, mesh=None, num_workers: int | None = None,
-                       tokenizer: str | None = None, bpe_path: str | None = None) -> EvalIterator:
-    """One unshuffled pass over ``split`` with centre crops and all captions.
-
-    ``data_cfg_or_source_spec``: a ``config.data`` dict or a string such as
-    "synthetic:DIR", "arrayrecord:DIR", "tfds:NAME[@DATA_DIR]". ``batch_size`` is
-    global: each process yields ``batch_size // process_count`` rows per batch.
-    Examples are split ``process_index::process_count``; the final batch is padded
-    (``mask`` False). Captions beyond ``max_captions`` are dropped.
-    """
-    from clipjax.data.config import data_config
-
-    spec = data_cfg_or_source_spec
-    defaults = data_config()
-    cfg = spec if not isinstance(spec, str) else defaults
-    pi, pc = _process(process_index, process_count)
-    if batch_size % pc:
-        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={pc}")
-    local_batch = batch_size // pc
-    source = sources_lib.open_source(spec, split)
-    opts = transforms.ImageOptions.from_config(cfg, image_size)
-    tok = _LazyTokenizer(tokenizer or cfg["tokenizer"], context_length,
-                         bpe_path if bpe_path is not None else cfg["bpe_path"])
-    fn = _EvalElement(source, process_index=pi, process_count=pc, opts=opts, tokenizer=tok,
-                      max_captions=max_captions)
-    # Same batch count on every process: collective eval steps must line up.
-    per_process = -(-len(source) // pc)
-    num_batches = -(-per_process // local_batch)
-    ds = grain.MapDataset.range(num_batches * local_batch).map(fn).to_iter_dataset(_SYNC_READ)
-    ds = grain.experimental.WithOptionsIterDataset(ds, _DATASET_OPTIONS)
-    workers = int(cfg["num_workers"] if num_workers is None else num_workers)
-    if workers > 0:
-        ds = ds.mp_prefetch(_mp_options(workers, 2))
-    ds = ds.batch(local_batch, batch_fn=functools.partial(_batch_eval, buffer_size=opts.buffer_size))
-    return EvalIterator(ds, num_batches=num_batches, num_examples=len(fn.records), mesh=mesh)
+    return TrainIterator(batches, prefetch=int(data_cfg.prefetch), mesh=mesh)

@@ -1,0 +1,45 @@
+"""How evaluation results are shown and kept: the headline table and eval_<step>.{json,md}."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from clipjax.atomic import atomic_path
+from clipjax.progress import format_value
+
+_HEADLINE_SUFFIXES = ("/top1", "/top5", "_r1", "_r5", "_r10", "_median_rank", "/modality_gap", "/pos_sim",
+                      "/neg_sim")
+
+
+def headline_table(metrics: Mapping[str, float], chance: Mapping[str, float]) -> dict[str, str]:
+    """The headline metrics, in run order, each as ``"value  (chance c)"`` where a chance level is known."""
+    return {key: format_value(value) + (f"  (chance {format_value(chance[key])})" if key in chance else "")
+            for key, value in metrics.items() if key.endswith(_HEADLINE_SUFFIXES)}
+
+
+def markdown_table(step: int, metrics: Mapping[str, float], chance: Mapping[str, float]) -> str:
+    lines = [f"# Evaluation at step {step}", "", "| metric | value | chance |", "|---|---|---|"]
+    for key in sorted(metrics):
+        ch = chance.get(key)
+        lines.append(f"| {key} | {format_value(metrics[key])} | {format_value(ch) if ch is not None else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(d: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in d.items()}
+
+
+def write_files(workdir: str, step: int, metrics: Mapping[str, float], chance: Mapping[str, float],
+                entries: Mapping[str, Any]) -> str:
+    """Writes ``WORKDIR/eval_<step>.json`` (numbers, chance levels, the eval entries) and ``.md``; returns the base path."""
+    base = os.path.join(workdir, f"eval_{step}")
+    payload = {"step": int(step), "metrics": _json_safe(metrics), "chance": _json_safe(chance),
+               "evals": {n: e.to_dict() for n, e in entries.items()}}
+    with atomic_path(base + ".json") as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+    with atomic_path(base + ".md") as tmp, open(tmp, "w") as f:
+        f.write(markdown_table(step, metrics, chance))
+    return base
