@@ -125,17 +125,23 @@ def _flatten(prefix: str, value: Any, out: dict) -> None:
         out[prefix] = value
 
 
+def config_differences(saved_json: str, current_json: str, sections: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved, current)}`` for the fields under ``sections`` that differ; fields only
+    one side has (newer than the checkpoint, or gone since) are not differences."""
+    saved, current = json.loads(saved_json), json.loads(current_json)
+    out = {}
+    for section in sections:
+        a, b = {}, {}
+        _flatten(section, _get(saved, section), a)
+        _flatten(section, _get(current, section), b)
+        out.update({k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]})
+    return out
+
+
 def check_compatible(saved_json: str, current_json: str) -> None:
     """Raises IncompatibleCheckpoint naming every shape-relevant key that differs."""
-    saved, current = json.loads(saved_json), json.loads(current_json)
-    diffs = []
-    for key in SHAPE_KEYS:
-        a, b = {}, {}
-        _flatten(key, _get(saved, key), a)
-        _flatten(key, _get(current, key), b)
-        for k in sorted(set(a) & set(b)):  # a field newer than the checkpoint is not a conflict
-            if a[k] != b[k]:
-                diffs.append(f"{k}: checkpoint {a[k]!r} vs config {b[k]!r}")
+    diffs = [f"{k}: checkpoint {a!r} vs config {b!r}"
+             for k, (a, b) in config_differences(saved_json, current_json, SHAPE_KEYS).items()]
     if diffs:
         raise IncompatibleCheckpoint("the checkpoint was written by an incompatible config: " + "; ".join(diffs))
 

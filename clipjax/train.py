@@ -80,9 +80,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     compiled = compile_train_step(setup)
     # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
-    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / len(devices)
+    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / setup.mesh.size
     flops = hlo_flops.compiled_flops(compiled)
-    peak, peak_source = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
+    peak, peak_source = mfu_lib.peak_flops_per_device(setup.mesh.devices.flat[0], config.model.dtype)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:

@@ -236,3 +236,11 @@ def test_standalone_eval_matches_the_in_training_eval(data_dir, tmp_path):
     assert "zeroshot/synthetic_zeroshot/top1" in (tmp_path / "eval_4.md").read_text()
     evaluate(smoke(data_dir), str(tmp_path), step=2)  # an older step on request
     assert json.load(open(tmp_path / "eval_2.json"))["step"] == 2
+    # Overrides that change the numbers write beside the run's results, named by what differs.
+    own = (tmp_path / "eval_4.json").read_text()
+    other = evaluate(smoke(data_dir, "--config.evals.synthetic_retrieval.max_examples=16"), str(tmp_path))
+    assert (tmp_path / "eval_4.json").read_text() == own
+    saved = json.load(open(tmp_path / "eval_4-evals.synthetic_retrieval.max_examples=16.json"))
+    assert saved["differs_from_run"] == {"evals.synthetic_retrieval.max_examples": [64, 16]}
+    assert saved["metrics"]["retrieval/synthetic_retrieval/num_images"] == 16 == other[
+        "retrieval/synthetic_retrieval/num_images"]
