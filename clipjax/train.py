@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+import optax
 
 from clipjax import checkpoint as ckpt_lib
 from clipjax import hlo_flops
@@ -96,6 +97,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         evaluate = Evaluator(config, setup)
 
     total = config.train.steps
+    param_norm = jax.jit(optax.global_norm)
     pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
@@ -158,6 +160,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             batch = next(data_iter)
             state, metrics = compiled(state, batch)
             checkpointer.check()  # a failed background save stops the run here, not at the next save
+            if (step + 1) % config.train.log_every == 0 or step + 1 == total:
+                # Only on logged steps: a norm is a full pass over the weights, the step stays lean.
+                metrics = dict(metrics, **{"train/param_norm": param_norm(state.params)})
             metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
             window_steps += 1
             if pending is not None:  # fetch step N-1's metrics only after step N is dispatched

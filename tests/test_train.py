@@ -46,7 +46,7 @@ def test_loss_falls_on_learnable_data(data_dir, tmp_path):
     rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     keys = set().union(*rows)
     for key in ("train/loss", "train/lr", "train/scale", "train/grad_norm", "train/samples_per_sec",
-                "train/step_time", "train/mfu", "train/i2t_acc", "train/t2i_acc"):
+                "train/step_time", "train/mfu", "train/hfu", "train/i2t_acc", "train/t2i_acc"):
         assert key in keys, key
 
 
