@@ -46,7 +46,7 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
 
     if mesh_sizes:
         with config.unlocked():
-            for axis in ("data", "fsdp", "tensor"):
+            for axis in sharding.MESH_AXES:
                 config.mesh[axis] = int(mesh_sizes.get(axis, 1))
     config_lib.validate(config, len(devices))
     mesh = sharding.mesh_from_config(config.mesh, devices)
@@ -66,7 +66,7 @@ def plan(config, devices, mesh_sizes: dict[str, int] | None, peak: float, mfu: f
         "model": config.model.size,
         "batch": config.train.batch_size,
         "devices": len(devices),
-        "mesh": "x".join(f"{a}{mesh.shape[a]}" for a in ("data", "fsdp", "tensor")),
+        "mesh": "x".join(f"{a}{mesh.shape[a]}" for a in sharding.MESH_AXES),
         "loss": f"{config.loss.kind}/{config.loss.impl}",
         "remat": config.model.remat,
         "args_GiB": args_b / gib,
