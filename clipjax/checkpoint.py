@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -71,17 +71,23 @@ def _flatten(prefix: str, value: Any, out: dict) -> None:
         out[prefix] = value
 
 
+def config_differences(saved_json: str, current_json: str, sections: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved, current)}`` for the fields under ``sections`` that differ; fields only
+    one side has (newer than the checkpoint, or gone since) are not differences."""
+    saved, current = json.loads(saved_json), json.loads(current_json)
+    out = {}
+    for section in sections:
+        a, b = {}, {}
+        _flatten(section, _get(saved, section), a)
+        _flatten(section, _get(current, section), b)
+        out.update({k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]})
+    return out
+
+
 def check_compatible(saved_json: str, current_json: str) -> None:
     """Raises IncompatibleCheckpoint naming every shape-relevant key that differs."""
-    saved, current = json.loads(saved_json), json.loads(current_json)
-    diffs = []
-    for key in SHAPE_KEYS:
-        a, b = {}, {}
-        _flatten(key, _get(saved, key), a)
-        _flatten(key, _get(current, key), b)
-        for k in sorted(set(a) & set(b)):  # a field newer than the checkpoint is not a conflict
-            if a[k] != b[k]:
-                diffs.append(f"{k}: checkpoint {a[k]!r} vs config {b[k]!r}")
+    diffs = [f"{k}: checkpoint {a!r} vs config {b!r}"
+             for k, (a, b) in config_differences(saved_json, current_json, SHAPE_KEYS).items()]
     if diffs:
         raise IncompatibleCheckpoint("the checkpoint was written by an incompatible config: " + "; ".join(diffs))
 
@@ -140,6 +146,14 @@ class Checkpointer:
                 f"cannot restore step {step} of {self.manager.directory} into this config's state: {e}") from e
         return restored["state"], restored.get("data") if data_args is not None else None
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the params of ``step`` (evaluation, export), onto ``abstract_params``'s shardings."""
+        if self.config_json is not None:
+            saved = self.saved_config(step)
+            if saved is not None:
+                check_compatible(saved, self.config_json)
+        return load_params(os.path.join(str(self.manager.directory), str(step)), abstract_params)
+
     def data_states(self, step: int) -> list[dict[str, Any]]:
         """The data iterator states saved at ``step``, one per process that wrote them."""
         folder = self.manager.directory / str(step) / "data"  # an epath: local disk or a bucket
@@ -177,8 +191,19 @@ def _state_dir(path: str) -> str:
     raise FileNotFoundError(f"checkpoint.init_from={path!r}: no complete checkpoint found there")
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-    """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings."""
+def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | None = None) -> Any:
+    """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings.
+
+    ``path`` may also be an OpenCLIP/OpenAI weights file (``.safetensors``, ``.bin``, ``.pt``);
+    a logit bias the file lacks starts at ``init_logit_bias``.
+    """
+    if os.path.isfile(path):
+        from clipjax.interop import openclip
+
+        try:
+            return openclip.load_params(path, abstract_params, init_logit_bias=init_logit_bias)
+        except openclip.WeightsError as e:
+            raise IncompatibleCheckpoint(f"checkpoint.init_from={path!r}: {e}") from e
     state_dir = _state_dir(path)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                                dtype=a.dtype), abstract_params)

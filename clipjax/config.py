@@ -88,7 +88,7 @@ def _model_config() -> ml_collections.ConfigDict:
         },
         "act": "gelu",  # gelu | gelu_tanh | quick_gelu (OpenAI's original weights)
         "ln_eps": 1e-5,
-        "dtype": "bfloat16",  # compute dtype; params and optimizer state stay float32
+        "dtype": "auto",  # compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU); params stay float32
         "remat": "none",  # none | full | dots | dots_no_batch (per block)
         "scan": True,  # scan over blocks: compile time independent of depth
         "init_logit_scale": ph(float),  # derived: log(1/0.07) softmax, log(10) sigmoid
@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
         "every": 1000,
         "keep": 3,
         "async_save": True,
-        "init_from": "",  # a checkpoint dir (or workdir) to initialise params from (fine-tuning)
+        "init_from": "",  # checkpoint dir, workdir or OpenCLIP/OpenAI weights file to start params from (fine-tuning)
     })
     c.data = data_config()
     c.evals = evals_config()
@@ -276,11 +276,18 @@ def _check_choice(value: Any, choices: Sequence[Any], key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+def default_dtype(platform: str) -> str:
+    """The faster compute dtype on ``platform``: CPUs have no fast bf16 matmuls, GPUs and TPUs do."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
+             platform: str | None = None) -> ml_collections.ConfigDict:
     """Derives unset values and checks consistency; returns the same (mutated) config.
 
     With ``num_devices`` it also resolves the mesh and checks that the global
-    batch (and micro-batch) divides over the data-parallel axes.
+    batch (and micro-batch) divides over the data-parallel axes. ``platform``
+    (default: jax's default backend) resolves ``model.dtype="auto"``.
     """
     with c.unlocked():
         m = c.model
@@ -299,6 +306,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")
         _check_choice(m.act, list(ACTIVATIONS), "model.act")
         _check_choice(m.remat, list(REMAT_POLICIES), "model.remat")
+        if m.dtype == "auto":
+            import jax
+
+            m.dtype = default_dtype(platform or jax.default_backend())
         _check_choice(m.dtype, list(DTYPES), "model.dtype")
         _as_config_error(validate_data_config, c.data)
         c.data.buffer_size = ImageOptions.from_config(c.data, m.image.image_size).buffer_size

@@ -2,6 +2,7 @@
 
     clipjax-train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.a.b=VALUE ...]
     clipjax-eval  --config=configs/NAME.py[:ARG] --workdir=DIR [--step=N]
+    clipjax-train --config=... --compile_only --target=tpu:v5p:8x8x8   (a plan: nothing runs)
 
 Mistakes on the command line or in the config are one line on stderr and exit status 2
 (``clipjax.errors``); ``--verbosity=0`` (or higher) shows tracebacks and library logs.
@@ -26,11 +27,18 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _STEP = flags.DEFINE_integer("step", None, "clipjax-eval: checkpoint step to evaluate (default: latest).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "compile the step for --target, print its memory and time plan and exit "
+    "(1 if it does not fit); nothing runs, no --workdir or data needed")
+_TARGET = flags.DEFINE_string(
+    "target", None, "with --compile_only: tpu:TOPOLOGY (e.g. tpu:v5p:8x8x8; the TPU compiler, from any "
+    "machine with clipjax[tpu]) or cpu:N simulated devices; default: this machine's devices")
 
 _HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
-_METAVARS = {"workdir": "DIR", "coordinator": "HOST:PORT", "num_processes": "N", "process_id": "I", "step": "N"}
+_METAVARS = {"target": "tpu:TOPOLOGY", "workdir": "DIR", "coordinator": "HOST:PORT", "num_processes": "N", "process_id": "I", "step": "N"}
 _FLAGS_OF = {
-    "clipjax-train": ("workdir", "print_config", "coordinator", "num_processes", "process_id"),
+    "clipjax-train": ("workdir", "print_config", "compile_only", "target", "coordinator", "num_processes",
+                      "process_id"),
     "clipjax-eval": ("workdir", "step", "print_config", "coordinator", "num_processes", "process_id"),
 }
 _ABOUT = {
@@ -162,10 +170,42 @@ def _setup(cmd: CommandLine) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
+def _compile_only(cmd: CommandLine, config) -> int:
+    """Prints the compile-ahead plan of ``config`` for ``--target``; 1 when it does not fit."""
+    from clipjax import compile_ahead
+    from clipjax.bench.table import emit
+
+    if cmd.args:
+        raise UserError(f"unexpected arguments: {' '.join(cmd.args)} (flags are --name=VALUE; see {cmd.prog} --help)")
+    try:
+        target = compile_ahead.parse_target(_TARGET.value) if _TARGET.value else None
+        if target is not None:
+            devices = compile_ahead.target_devices(target)
+        else:
+            import jax
+
+            devices = jax.devices()
+    except compile_ahead.TargetError as e:
+        raise UserError(str(e)) from None
+    row = compile_ahead.plan(config, devices)
+    emit([{"target": str(target or devices[0].platform), **row}])
+    if row["fits"]:
+        return 0
+    print(f"{cmd.prog}: does not fit: {row['mesh']} needs {row['peak_GiB']:.1f} GiB per device, "
+          f"{row['device']} has {row['hbm_GiB']:.1f} GiB (try model.remat=full, train.grad_accum or a wider fsdp)",
+          file=sys.stderr)
+    return 1
+
+
 def _train(cmd: CommandLine) -> None:
     config = cmd.config()
     if _PRINT_CONFIG.value:
         return _print_config(config)
+    if _COMPILE_ONLY.value:
+        sys.exit(_compile_only(cmd, config))
+    if _TARGET.value:
+        raise UserError(f"--target applies with --compile_only only: {cmd.prog} --config={cmd.spec} "
+                        f"--compile_only --target={_TARGET.value}")
     _check_data(cmd.spec, config)
     _setup(cmd)
     from clipjax import train
@@ -194,3 +234,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
     _run("clipjax-eval", _eval, argv)
+
+
+if __name__ == "__main__":
+    train_main()

@@ -1,11 +1,11 @@
 """Model FLOPs utilisation: peak FLOP/s per device, analytic model FLOPs, and their ratio.
 
-* ``peak_flops_per_device()``: dense bf16 peak of the local accelerator from
+* ``peak_flops_per_device(device, dtype)``: dense vendor peak of the accelerator for the dtype from
   ``PEAK_FLOPS``; on CPU a measured fp32 matmul rate shared among the simulated
   devices; ``CLIPJAX_PEAK_FLOPS`` (FLOP/s per device) overrides both.
 * ``mfu(flops, step_time, peak)``: the ratio.
-* ``clip_train_flops(model_cfg, batch)``: an analytic count to cross-check the
-  compiled one.
+* ``clip_train_flops(model_cfg, batch)``: the analytic model-FLOP count behind
+  ``train/mfu`` (no recomputation); ``hlo_flops.compiled_flops`` is behind ``train/hfu``.
 
 Per-step FLOPs measured from the compiled executable live in ``hlo_flops``.
 """
@@ -58,17 +58,44 @@ PEAK_FLOPS: dict[str, float] = {
     "GB200": 2500e12,
 }
 
+# Dense float32 matmul peak of NVIDIA GPUs, where XLA runs float32 dots on TF32 tensor cores
+# by default (data sheets, dense TF32 figures). TPUs run float32 dots at default precision as
+# one bfloat16 pass, so their bf16 row stands for float32 too.
+PEAK_FLOPS_TF32: dict[str, float] = {
+    "A100": 156e12,
+    "A10G": 35e12,
+    "A10": 62.5e12,
+    "L4": 60e12,
+    "L40S": 183e12,
+    "H100": 495e12,
+    "H100 PCIe": 378e12,
+    "H100 NVL": 418e12,
+    "H800": 495e12,
+    "H200": 495e12,
+    "GH200": 495e12,
+    "B100": 875e12,
+    "B200": 1125e12,
+    "GB200": 1250e12,
+}
+
 PEAK_ENV = "CLIPJAX_PEAK_FLOPS"
 
 _PEAK_CACHE: dict[tuple, tuple[float, str]] = {}
 
 
-def lookup_peak(kind: str) -> tuple[float, str] | None:
-    """``(flops, key)`` for the longest ``PEAK_FLOPS`` key found in ``kind``, or None."""
+def lookup_peak(kind: str, dtype: str = "bfloat16") -> tuple[float, str] | None:
+    """``(flops, key)`` for the longest table key found in ``kind``, or None.
+
+    ``dtype`` is the matmul compute dtype: float32 on a GPU reads ``PEAK_FLOPS_TF32``;
+    everything else (bf16, fp16, float32 on TPU) reads ``PEAK_FLOPS``.
+    """
+    table = PEAK_FLOPS
+    if str(dtype) == "float32" and "tpu" not in kind.lower():
+        table = PEAK_FLOPS_TF32
     low = kind.lower()
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    for key in sorted(table, key=len, reverse=True):
         if key.lower() in low:
-            return PEAK_FLOPS[key], key
+            return table[key], key
     return None
 
 
@@ -96,27 +123,29 @@ def measure_cpu_matmul_flops(device=None, n: int = 1024, repeats: int = 5) -> fl
     return 2.0 * n**3 / best
 
 
-def peak_flops_per_device(device=None) -> tuple[float, str]:
-    """``(peak FLOP/s of one device, how it was obtained)``; cached per device kind.
+def peak_flops_per_device(device=None, dtype: str = "bfloat16") -> tuple[float, str]:
+    """``(peak FLOP/s of one device for matmuls in dtype, how it was obtained)``; cached.
 
     Sources, in order: ``$CLIPJAX_PEAK_FLOPS`` ("env CLIPJAX_PEAK_FLOPS");
     CPU: the measured fp32 matmul rate of the host divided by the number of
     simulated CPU devices, which share its cores ("measured CPU matmul");
-    otherwise the ``PEAK_FLOPS`` row ("table: <key>"). An accelerator missing
-    from the table gives ``(nan, "unknown: <kind>")``, so MFU is logged as null.
+    otherwise the vendor row for ``dtype`` (``lookup_peak``; "table: <key>"). An
+    accelerator missing from the table gives ``(nan, "unknown: <kind>")``, so MFU
+    is logged as null.
     """
     env = os.environ.get(PEAK_ENV)
     if env:
         return float(env), f"env {PEAK_ENV}"
     device = device or jax.local_devices()[0]
     count = jax.local_device_count(backend="cpu") if device.platform == "cpu" else 1
-    key = (device.platform, device.device_kind, count)
+    cpu = device.platform == "cpu"
+    key = (device.platform, device.device_kind, count, None if cpu else str(dtype))
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
-    if device.platform == "cpu":
+    if cpu:
         out = (measure_cpu_matmul_flops(device) / count, "measured CPU matmul")
     else:
-        hit = lookup_peak(device.device_kind)
+        hit = lookup_peak(device.device_kind, str(dtype))
         if hit is None:
             log.warning("no peak FLOP/s known for %r; MFU will be NaN (set %s)", device.device_kind, PEAK_ENV)
             out = (float("nan"), f"unknown: {device.device_kind}")
@@ -153,13 +182,20 @@ def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int)
     return float(depth * t * per_token)
 
 
+def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
+    """Forward matmul FLOPs of attention pooling: one probe query over ``tokens`` keys, then its MLP."""
+    d, t = width, tokens
+    return float(2 * d * d + 4 * t * d * d + 4 * t * d + 2 * d * d + 4 * d * mlp_dim)
+
+
 def vit_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_dim: int, embed_dim: int,
-              class_token: bool = True, channels: int = 3) -> float:
-    """Forward matmul FLOPs of the image tower for one image (patchify, blocks, projection)."""
+              class_token: bool = True, channels: int = 3, pool: str = "tok") -> float:
+    """Forward matmul FLOPs of the image tower for one image (patchify, blocks, pooling, projection)."""
     patches = (image_size // patch_size) ** 2
     tokens = patches + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
-    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim) + 2 * width * embed_dim
+    head = map_head_flops(tokens, width, mlp_dim) if pool == "map" else 0.0
+    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim) + head + 2 * width * embed_dim
 
 
 def text_flops(context_length: int, width: int, depth: int, mlp_dim: int, embed_dim: int) -> float:
@@ -170,16 +206,21 @@ def text_flops(context_length: int, width: int, depth: int, mlp_dim: int, embed_
 def clip_train_flops(model_cfg: Any, batch: int) -> float:
     """Model FLOPs of one training step for the global ``batch`` (all devices together).
 
-    ``3 * forward`` (backward is twice the forward) for both towers, plus the
-    ``batch x batch`` similarity matrix: ``2*B*B*E`` forward, ``6*B*B*E`` with
-    its gradients. ``model_cfg`` is a resolved ``config.model`` (or a dict with
-    the same keys). Rematerialisation is not counted (model FLOPs, not hardware).
-    Divide by the device count for the per-device figure.
+    ``3 * forward`` (backward is twice the forward) of every matmul in both towers:
+    patch embedding, attention projections, attention scores and weighted values,
+    MLPs, pooling head and output projections; plus the ``batch x batch``
+    similarity matrix of the loss: ``2*B*B*E`` forward, ``6*B*B*E`` with its
+    gradients. Elementwise work (norms, activations, softmax, the optimizer) is
+    not counted. ``model_cfg`` is a resolved ``config.model`` (or a dict with the
+    same keys). Rematerialisation is not counted (model FLOPs, not hardware), so
+    the figure does not depend on ``model.remat``. Divide by the device count for
+    the per-device figure.
     """
     img, txt = _get(model_cfg, "image"), _get(model_cfg, "text")
     e = _get(model_cfg, "embed_dim")
     f_img = vit_flops(_get(img, "image_size", 224), _get(img, "patch_size"), _get(img, "width"),
-                      _get(img, "depth"), _get(img, "mlp_dim"), e, bool(_get(img, "class_token", True)))
+                      _get(img, "depth"), _get(img, "mlp_dim"), e, bool(_get(img, "class_token", True)),
+                      pool=_get(img, "pool", "tok"))
     f_txt = text_flops(_get(txt, "context_length", 77), _get(txt, "width"), _get(txt, "depth"),
                        _get(txt, "mlp_dim"), e)
     return 3.0 * batch * (f_img + f_txt) + 6.0 * batch * batch * e

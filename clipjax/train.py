@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+import optax
 
 from clipjax import checkpoint as ckpt_lib
 from clipjax import hlo_flops
@@ -63,19 +64,22 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     else:
         params = None
         if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params)
+            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                          init_logit_bias=config.model.init_logit_bias)
             log.info("initialised params from %s", config.checkpoint.init_from)
         state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
     compiled = compile_train_step(setup)
+    # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
+    model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / setup.mesh.size
     flops = hlo_flops.compiled_flops(compiled)
-    peak, peak_source = mfu_lib.peak_flops_per_device()
+    peak, peak_source = mfu_lib.peak_flops_per_device(setup.mesh.devices.flat[0], config.model.dtype)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
-        log.info("mesh %s; %d params; step flops/device %s; peak %.3g FLOP/s (%s)", dict(mesh.shape),
-                 count_params(state.params), flops, peak, peak_source)
+        log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
+                 dict(mesh.shape), count_params(state.params), model_flops, flops, peak, peak_source)
     preemption = ckpt_lib.PreemptionWatcher()
     evaluate = evaluate_fn
     if evaluate is None and len(config.evals):
@@ -84,6 +88,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         evaluate = Evaluator(config, setup)
 
     total = config.train.steps
+    param_norm = jax.jit(optax.global_norm)
     pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
@@ -107,8 +112,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         window_start, window_steps = now, 0
         host["train/step_time"] = dt
         host["train/samples_per_sec"] = config.train.batch_size / dt
+        host["train/mfu"] = mfu_lib.mfu(model_flops, dt, peak)
         if flops:
-            host["train/mfu"] = mfu_lib.mfu(flops, dt, peak)
+            host["train/hfu"] = mfu_lib.mfu(flops, dt, peak)
         host["train/eta_sec"] = dt * (total - step)
         host.pop("train/finite")
         writer.write(step, host)
@@ -117,6 +123,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     for step in range(start, total):
         batch = next(data_iter)
         state, metrics = compiled(state, batch)
+        if (step + 1) % config.train.log_every == 0 or step + 1 == total:
+            # Only on logged steps: a norm is a full pass over the weights, the step stays lean.
+            metrics = dict(metrics, **{"train/param_norm": param_norm(state.params)})
         metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
         window_steps += 1
         if pending is not None:  # fetch step N-1's metrics only after step N is dispatched

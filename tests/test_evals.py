@@ -346,7 +346,7 @@ def test_evaluator_on_synthetic_runs_at_its_cadence(tiny):
     os.makedirs(workdir, exist_ok=True)
     metrics, chance = evaluate.run(params)
     assert metrics == out
-    write_files(workdir, 7, metrics, chance, evaluate.entries)
+    write_files(workdir, "eval_7", 7, metrics, chance, evaluate.entries)
     saved = json.load(open(os.path.join(workdir, "eval_7.json")))
     assert saved["step"] == 7 and saved["metrics"] == pytest.approx(out)
     assert saved["chance"]["zeroshot/synth_zs/top1"] == pytest.approx(1 / 24)
@@ -371,3 +371,61 @@ def test_zeroshot_on_mocked_tfds_dataset(tiny):
     assert chance["zeroshot/cifar/top1"] == pytest.approx(0.1)  # class names from the ClassLabel feature
     assert len(ev._prompts["cifar"][0]) == 10
     assert 0.0 <= metrics["zeroshot/cifar/top1"] <= metrics["zeroshot/cifar/top5"] <= 1.0
+
+
+def _labelled_eval(tiny, **entry):
+    data_dir, model, params = tiny
+    c = tiny_config(data_dir)
+    c.evals.zs = zeroshot_eval(batch_size=16, **entry)
+    config_lib.validate(c, 8)
+    setup = types.SimpleNamespace(model=model, mesh=make_mesh("4x2"), rules=sharding.rules_from_config(()))
+    return Evaluator(c, setup).run(params)
+
+
+def test_classnames_and_templates_as_lists(tiny):
+    """A Python list is the class list itself: the same numbers as the built-in name it spells out."""
+    from clipjax.data import synth
+
+    by_name, _ = _labelled_eval(tiny, classnames="synthetic", templates="single")
+    by_list, chance = _labelled_eval(tiny, classnames=list(synth.CLASSES), templates=["a photo of a {}."])
+    assert by_list == by_name and by_list["zeroshot/zs/num_examples"] == 40
+    shuffled, _ = _labelled_eval(tiny, classnames=list(reversed(synth.CLASSES)), templates=["a photo of a {}."])
+    assert shuffled["zeroshot/zs/top5"] != by_name["zeroshot/zs/top5"]  # the list's order is the label order
+    evals = config_lib.base_config().evals
+    for bad, message in (([], "non-empty list"), (["a", "a"], r"\['a'\] listed twice"), ([3], "non-empty list")):
+        evals.zs = zeroshot_eval(classnames=bad)
+        with pytest.raises(ValueError, match=rf"evals\.zs\.classnames: .*{message}"):
+            validate_evals_config(evals)
+    evals.zs = zeroshot_eval(templates=["a photo of a cat"])
+    with pytest.raises(ValueError, match=r"evals\.zs\.templates: each template needs exactly one"):
+        validate_evals_config(evals)
+
+
+def test_zeroshot_class_list_must_cover_the_labels(tiny):
+    from clipjax.errors import UserError
+
+    with pytest.raises(UserError, match=r"evals\.zs: split 'heldout'.* labels up to 2[0-3] but classnames "
+                                        r"lists 3 names; .*classes\.txt"):
+        _labelled_eval(tiny, classnames=["circle", "square", "star"], templates="single")
+
+
+def test_zeroshot_on_a_split_without_labels_is_an_error(tiny, tmp_path):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    from clipjax.data import records, synth
+    from clipjax.errors import UserError
+
+    data_dir = tiny[0]
+    synth.ensure_synthetic(data_dir, tiny_config(data_dir).data.synth)
+    source = records.shard_paths(data_dir, "heldout")
+    folder = str(tmp_path / "unlabelled")
+    reader = ArrayRecordDataSource(source)
+    with records.ShardWriter(os.path.join(folder, records.shard_name("test", 0, 1))) as w:
+        for i in range(len(reader)):
+            ex = records.decode(reader[i])
+            assert ex.label >= 0  # the synthetic records are labelled; the copies are not
+            w.write(records.Example(key=ex.key, image=ex.image, captions=ex.captions))
+    with pytest.raises(UserError, match=rf"evals\.zs: split 'test' of {folder} has no labelled examples.*"
+                                        r"--label_column"):
+        _labelled_eval(tiny, source="arrayrecord", path=folder, split="test", classnames=["a", "b"],
+                       templates="single")

@@ -90,6 +90,10 @@ def test_folder_convert_train_eval(photos, tmp_path):
 
     m = _eval_json(work)["metrics"]
     n_test = PER_CLASS["test"] * len(CLASSES)
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert any("zeroshot/zeroshot/top1" in r for r in rows)  # the end-of-training eval is logged ...
+    for r in rows:  # ... and every logged value is a number (or null), never a formatted string
+        assert all(v is None or isinstance(v, (int, float)) for v in r.values()), r
     assert m["zeroshot/zeroshot/num_examples"] == n_test
     assert 0.0 <= m["zeroshot/zeroshot/top1"] <= 1.0
     assert m["retrieval/retrieval/num_images"] == n_test

@@ -46,7 +46,7 @@ def test_loss_falls_on_learnable_data(data_dir, tmp_path):
     rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     keys = set().union(*rows)
     for key in ("train/loss", "train/lr", "train/scale", "train/grad_norm", "train/samples_per_sec",
-                "train/step_time", "train/mfu", "train/i2t_acc", "train/t2i_acc"):
+                "train/step_time", "train/mfu", "train/hfu", "train/i2t_acc", "train/t2i_acc"):
         assert key in keys, key
 
 
@@ -235,3 +235,11 @@ def test_standalone_eval_matches_the_in_training_eval(data_dir, tmp_path):
     assert "zeroshot/synthetic_zeroshot/top1" in (tmp_path / "eval_4.md").read_text()
     evaluate(smoke(data_dir), str(tmp_path), step=2)  # an older step on request
     assert json.load(open(tmp_path / "eval_2.json"))["step"] == 2
+    # Overrides that change the numbers write beside the run's results, named by what differs.
+    own = (tmp_path / "eval_4.json").read_text()
+    other = evaluate(smoke(data_dir, "--config.evals.synthetic_retrieval.max_examples=16"), str(tmp_path))
+    assert (tmp_path / "eval_4.json").read_text() == own
+    saved = json.load(open(tmp_path / "eval_4-evals.synthetic_retrieval.max_examples=16.json"))
+    assert saved["differs_from_run"] == {"evals.synthetic_retrieval.max_examples": [64, 16]}
+    assert saved["metrics"]["retrieval/synthetic_retrieval/num_images"] == 16 == other[
+        "retrieval/synthetic_retrieval/num_images"]

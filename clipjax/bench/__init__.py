@@ -1,4 +1,4 @@
-"""Benchmarks users can run: `clipjax-bench loss|data|compile`."""
+"""Benchmarks users can run: `clipjax-bench loss|data|compile|train`."""
 
 from __future__ import annotations
 

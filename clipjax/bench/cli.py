@@ -16,6 +16,7 @@ SUITES = {
     "loss": "clipjax.bench.loss",
     "data": "clipjax.bench.data",
     "compile": "clipjax.bench.compile",
+    "train": "clipjax.bench.train",
     "convert": "clipjax.bench.convert",
 }
 

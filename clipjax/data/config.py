@@ -12,6 +12,7 @@ import ml_collections
 from clipjax.data.resize import KERNELS
 from clipjax.data.sources import SOURCES
 from clipjax.data.tokenizer import KINDS as TOKENIZERS
+from clipjax.data.transforms import EVAL_CROPS
 
 CAPTION_CHOICES = ("random", "first")
 
@@ -56,6 +57,9 @@ def data_config() -> ml_collections.ConfigDict:
         # side >= draft_min_scale * image_size (much faster; slight upsampling when < 1).
         "draft_decode": True,
         "draft_min_scale": 0.8,  # 1.0 never upsamples; lower decodes faster
+        # Eval crop: centre (the centred square) | openclip (OpenCLIP's validation transform:
+        # its whole-pixel crop offsets, full decode; use it to score OpenCLIP/OpenAI weights).
+        "eval_crop": "centre",
         # Derived by config.validate() from the fields above and the image size (any value set is replaced).
         "buffer_size": ml_collections.config_dict.placeholder(int),  # side P of the [P, P, 3] uint8 crop buffer
         # --- loading ---
@@ -94,6 +98,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("tokenizer", f"{cfg.tokenizer!r} is not one of {TOKENIZERS}")
     if cfg.caption_choice not in CAPTION_CHOICES:
         _fail("caption_choice", f"{cfg.caption_choice!r} is not one of {CAPTION_CHOICES}")
+    if cfg.get("eval_crop", "centre") not in EVAL_CROPS:
+        _fail("eval_crop", f"{cfg.eval_crop!r} is not one of {EVAL_CROPS}")
     if cfg.interpolation not in KERNELS:
         _fail("interpolation", f"{cfg.interpolation!r} is not one of {tuple(KERNELS)}")
     lo, hi = (float(v) for v in cfg.crop_scale)

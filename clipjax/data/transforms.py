@@ -31,13 +31,15 @@ class ImageOptions:
     interpolation: str = "bicubic"
     draft: bool = True
     draft_min_scale: float = 0.8
+    eval_crop: str = "centre"  # one of EVAL_CROPS
 
     @classmethod
     def from_config(cls, data_cfg: Any, image_size: int) -> "ImageOptions":
         return cls(image_size=int(image_size), crop_scale=tuple(float(v) for v in data_cfg["crop_scale"]),
                    crop_ratio=tuple(float(v) for v in data_cfg["crop_ratio"]),
                    interpolation=str(data_cfg["interpolation"]), draft=bool(data_cfg["draft_decode"]),
-                   draft_min_scale=float(data_cfg["draft_min_scale"]))
+                   draft_min_scale=float(data_cfg["draft_min_scale"]),
+                   eval_crop=str(data_cfg.get("eval_crop", "centre")))
 
     @property
     def draft_size(self) -> int | None:
@@ -103,6 +105,27 @@ def centre_crop_box(width: int, height: int) -> Box:
     return (x, y, x + side, y + side)
 
 
+def _openclip_resized(width: int, height: int, size: int) -> tuple[int, int]:
+    """The image size after OpenCLIP's Resize(size): shorter side to ``size``, longer truncated."""
+    new_long = int(size * max(width, height) / min(width, height))
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def openclip_crop_box(width: int, height: int, size: int) -> Box:
+    """OpenCLIP's validation crop, in source pixels.
+
+    OpenCLIP resizes the shorter side to ``size`` and cuts the centred ``size``
+    square at offsets rounded to whole pixels. Resampling this box straight to
+    ``size`` reads the same source positions with the same filter widths as
+    resizing the whole image and then cropping, so the pixels agree up to
+    Pillow's rounding to uint8.
+    """
+    new_w, new_h = _openclip_resized(width, height, size)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -158,7 +181,24 @@ def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: Image
     return cut_region(img, random_crop_box(rng, img.width, img.height, opts.crop_scale, opts.crop_ratio), opts)
 
 
+EVAL_CROPS = ("centre", "openclip")
+
+
 def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> dict[str, np.ndarray]:
-    """Decode; the crop is the centred square (resize shorter side + centre crop in one)."""
+    """Decode and cut the eval crop: resize shorter side + centre crop in one box.
+
+    ``eval_crop="centre"``: the exact centred square. ``"openclip"``: OpenCLIP's
+    validation transform (``openclip_crop_box``) from a full decode (no JPEG
+    draft), so pretrained OpenCLIP models see the pixels they were evaluated on.
+    """
+    if opts.eval_crop == "openclip":
+        img = to_rgb(image, None)
+        box = openclip_crop_box(img.width, img.height, opts.image_size)
+        if region_bounds(img.width, img.height, box, opts)[4] > 1:
+            # Too large for the buffer: a box reduction first would differ from OpenCLIP's single
+            # bicubic pass, so resize here as OpenCLIP does; the device's resampling is then the identity.
+            img = img.resize(_openclip_resized(img.width, img.height, opts.image_size), Image.BICUBIC)
+            box = openclip_crop_box(img.width, img.height, opts.image_size)
+        return cut_region(img, box, opts)
     img = to_rgb(image, opts.draft_size)
     return cut_region(img, centre_crop_box(img.width, img.height), opts)

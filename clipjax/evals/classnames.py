@@ -1,6 +1,7 @@
 """Built-in class-name lists and prompt templates for zero-shot classification.
 
-Class names (``config.evals.<name>.classnames``):
+Class names (``config.evals.<name>.classnames``), a Python list of names in label
+order, or one of:
   synthetic  the synthetic shapes dataset (``clipjax.data.synth.CLASSES``, or the
              dataset folder's ``info.json`` when it has a ``classes`` list)
   imagenet   ImageNet-1k in TFDS label order (see `imagenet_classnames`)
@@ -11,10 +12,10 @@ Class names (``config.evals.<name>.classnames``):
   <path>     a text file, one name per line in label order (``wnid<TAB>name`` lines
              are accepted and ordered by the TFDS ImageNet wnid list), or a JSON list
 
-Templates (``templates``): ``synthetic``, ``openai`` (the 80 prompts of the CLIP
-paper's ImageNet ensemble), ``short`` (its 7-prompt subset), ``single``
-("a photo of a {}."), ``info`` (``templates`` of the folder's ``info.json``) or a
-path (one template per line, each with one ``{}``).
+Templates (``templates``): a Python list of templates, ``synthetic``, ``openai`` (the
+80 prompts of the CLIP paper's ImageNet ensemble), ``short`` (its 7-prompt subset),
+``single`` ("a photo of a {}."), ``info`` (``templates`` of the folder's ``info.json``)
+or a path (one template per line, each with one ``{}``).
 """
 
 from __future__ import annotations
@@ -188,12 +189,15 @@ def _info_json(folder: str) -> dict:
         return json.load(f)
 
 
-def get_classnames(kind: str, *, folder: str = "", tfds_names: Sequence[str] | None = None) -> list[str]:
-    """Class names in label order for ``kind`` (see the module docstring).
+def get_classnames(kind: str | Sequence[str], *, folder: str = "",
+                   tfds_names: Sequence[str] | None = None) -> list[str]:
+    """Class names in label order for ``kind``: a list of names, or a name or file (see the module docstring).
 
     ``folder``: the evaluated ArrayRecord folder (for ``info``/``synthetic``);
     ``tfds_names``: the ClassLabel names of the evaluated TFDS dataset (for ``tfds``).
     """
+    if not isinstance(kind, str):
+        return [str(x) for x in kind]
     if kind == "synthetic":
         from clipjax.data import synth
 
@@ -217,9 +221,11 @@ def get_classnames(kind: str, *, folder: str = "", tfds_names: Sequence[str] | N
     return _names_from_file(kind)
 
 
-def get_templates(kind: str, *, folder: str = "") -> list[str]:
-    """Prompt templates (each with one ``{}``) for ``kind``."""
-    if kind == "synthetic":
+def get_templates(kind: str | Sequence[str], *, folder: str = "") -> list[str]:
+    """Prompt templates (each with one ``{}``) for ``kind``: a list of templates, or a name or file."""
+    if not isinstance(kind, str):
+        out = [str(x) for x in kind]
+    elif kind == "synthetic":
         from clipjax.data import synth
 
         info = synth.load_info(folder) if folder else None

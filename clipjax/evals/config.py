@@ -48,8 +48,8 @@ def zeroshot_eval(**overrides: Any) -> ml_collections.ConfigDict:
     """A zero-shot classification entry: class names x templates, top-1/top-5 accuracy."""
     d = _common("zeroshot")
     d.update({
-        "classnames": "synthetic",  # synthetic | imagenet | cifar10 | cifar100 | tfds | info | <path>
-        "templates": "synthetic",  # synthetic | openai | short | single | info | <path>
+        "classnames": "synthetic",  # [names] | synthetic | imagenet | cifar10 | cifar100 | tfds | info | <path>
+        "templates": "synthetic",  # [templates] | synthetic | openai | short | single | info | <path>
         "class_batch_size": 256,  # prompts embedded per text-tower call
     })
     return _apply(d, overrides, "zeroshot_eval")
@@ -88,6 +88,17 @@ def default_split(entry: Any) -> str:
     return "heldout" if entry["source"] == "synthetic" else "test"
 
 
+def _check_names(key: str, value: Any, builtin: tuple[str, ...]) -> None:
+    """A list of strings, a built-in name or an existing file."""
+    if isinstance(value, str):
+        if value not in builtin and not os.path.exists(value):
+            raise ValueError(f"{key}={value!r}: not one of {list(builtin)}, a list, or an existing file")
+    elif not isinstance(value, (list, tuple)) or not value or not all(isinstance(x, str) and x for x in value):
+        raise ValueError(f"{key}: give a non-empty list of strings, one of {list(builtin)}, or a file path")
+    elif len(set(value)) != len(value):
+        raise ValueError(f"{key}: {sorted({x for x in value if value.count(x) > 1})[:3]} listed twice")
+
+
 def validate_evals_config(evals: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad ``config.evals.<name>.<field>``."""
     for name, e in evals.items():
@@ -122,14 +133,13 @@ def validate_evals_config(evals: ml_collections.ConfigDict) -> None:
         if kind == "zeroshot":
             if e.source == "tfds" and not e.label_key:
                 raise ValueError(f"{key}.label_key: zero-shot needs labels")
-            if e.classnames not in BUILTIN_CLASSNAMES and not os.path.exists(e.classnames):
-                raise ValueError(f"{key}.classnames={e.classnames!r}: not one of {list(BUILTIN_CLASSNAMES)} "
-                                 "and no such file")
+            _check_names(f"{key}.classnames", e.classnames, BUILTIN_CLASSNAMES)
             if e.classnames == "tfds" and e.source != "tfds":
                 raise ValueError(f"{key}.classnames='tfds' needs source='tfds' (got {e.source!r})")
-            if e.templates not in BUILTIN_TEMPLATES and not os.path.exists(e.templates):
-                raise ValueError(f"{key}.templates={e.templates!r}: not one of {list(BUILTIN_TEMPLATES)} "
-                                 "and no such file")
+            _check_names(f"{key}.templates", e.templates, BUILTIN_TEMPLATES)
+            if not isinstance(e.templates, str) and any(str(t).count("{}") != 1 for t in e.templates):
+                raise ValueError(f"{key}.templates: each template needs exactly one '{{}}' for the class name, "
+                                 f"e.g. 'a photo of a {{}}.'")
             if "info" in (e.classnames, e.templates) and e.source == "tfds":
                 raise ValueError(f"{key}: classnames/templates='info' read the folder's info.json; source is tfds")
             if e.class_batch_size <= 0:

@@ -18,13 +18,28 @@ from flax import linen as nn
 
 from clipjax import sharding
 from clipjax.data import resize
+from clipjax.errors import UserError
 from clipjax.evals import datasets
 from clipjax.evals import retrieval as retrieval_lib
 from clipjax.evals import zeroshot as zeroshot_lib
+from clipjax.evals.config import default_split
 from clipjax.evals.encoders import Encoders, put_global, to_host
 from clipjax.evals.report import headline_table
 
 log = logging.getLogger("clipjax")
+
+
+def _check_labels(name: str, entry, labels: np.ndarray, num_classes: int) -> None:
+    """Zero-shot needs labelled examples, each naming one of the class names; else a UserError."""
+    where = f"config.evals.{name}: split {default_split(entry)!r}" + (f" of {entry.path}" if entry.path else "")
+    labelled = labels[labels >= 0]
+    if not labelled.size:
+        raise UserError(f"{where} has no labelled examples, so zero-shot accuracy is undefined; convert it with "
+                        "labels (clipjax-data convert csv --label_column=COL, convert folder, COCO categories) or "
+                        "point the entry at a labelled split")
+    if labelled.max() >= num_classes:
+        raise UserError(f"{where} has labels up to {int(labelled.max())} but classnames lists {num_classes} "
+                        f"names; give one name per label, in label order (e.g. classnames=<data>/classes.txt)")
 
 
 class Evaluator:
@@ -85,15 +100,16 @@ class Evaluator:
         zcls = zeroshot_lib.class_embeddings(encode, tokenize, names, templates,
                                              batch_size=self._round(e.class_batch_size))
         zcls = put_global(zcls, sharding.replicated(self.mesh))
-        ranks, oks = [], []
+        ranks, labels, masks = [], [], []
         for batch in datasets.global_batches(self.config, e, data_cfg, self.mesh,
                                              batch_size=self._round(e.batch_size), max_captions=1):
             crops = resize.image_fields(batch)
-            r, labels, mask = (to_host(x) for x in self.encoders.zeroshot(params, crops, batch["label"],
-                                                                          batch["mask"], zcls))
-            ranks.append(r)
-            oks.append(np.asarray(zeroshot_lib.valid_labels(labels, len(names), mask)))
-        ranks_n, ok_n = np.concatenate(ranks), np.concatenate(oks)
+            r, label, mask = (to_host(x) for x in self.encoders.zeroshot(params, crops, batch["label"],
+                                                                         batch["mask"], zcls))
+            ranks.append(r), labels.append(label), masks.append(mask.astype(bool))
+        ranks_n, labels_n, mask_n = np.concatenate(ranks), np.concatenate(labels), np.concatenate(masks)
+        _check_labels(name, e, labels_n[mask_n], len(names))
+        ok_n = np.asarray(zeroshot_lib.valid_labels(labels_n, len(names), mask_n))
         if e.max_examples:
             ok_n &= np.cumsum(ok_n) <= e.max_examples
         out = zeroshot_lib.accuracy_from_ranks(ranks_n, ok_n, len(names))

@@ -32,12 +32,14 @@ def _json_safe(d: Mapping[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in d.items()}
 
 
-def write_files(workdir: str, step: int, metrics: Mapping[str, float], chance: Mapping[str, float],
-                entries: Mapping[str, Any]) -> str:
-    """Writes ``WORKDIR/eval_<step>.json`` (numbers, chance levels, the eval entries) and ``.md``; returns the base path."""
-    base = os.path.join(workdir, f"eval_{step}")
+def write_files(workdir: str, name: str, step: int, metrics: Mapping[str, float], chance: Mapping[str, float],
+                entries: Mapping[str, Any], differences: Mapping[str, tuple[Any, Any]] | None = None) -> str:
+    """Writes ``WORKDIR/<name>.json`` (numbers, chance levels, the eval entries and the config fields
+    that differ from the run's, as ``[run's, this]``) and ``<name>.md``; returns the base path."""
+    base = os.path.join(workdir, name)
     payload = {"step": int(step), "metrics": _json_safe(metrics), "chance": _json_safe(chance),
-               "evals": {n: e.to_dict() for n, e in entries.items()}}
+               "evals": {n: e.to_dict() for n, e in entries.items()},
+               "differs_from_run": {k: list(v) for k, v in (differences or {}).items()}}
     with atomic_path(base + ".json") as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
     with atomic_path(base + ".md") as tmp, open(tmp, "w") as f:

@@ -1,0 +1,80 @@
+"""Model FLOPs (train/mfu) against a hand count; compiled FLOPs (train/hfu) follow remat."""
+
+import pytest
+
+from clipjax import hlo_flops
+from clipjax import mfu as mfu_lib
+from clipjax import sharding
+from clipjax.config import base_config, validate
+from clipjax.train_step import compile_train_step, make_setup
+from tests.test_train_step import tiny_config
+
+
+def _hand_count_b32_forward_per_example() -> tuple[int, int]:
+    """ViT-B/32 forward matmul FLOPs per example, written out matrix by matrix (image, text)."""
+    # Image: 224 px in 32 px patches -> 7 x 7 = 49 patches + 1 class token = 50 tokens, width 768.
+    patches, tokens, d, mlp, layers = 49, 50, 768, 3072, 12
+    patch_embed = patches * 2 * (32 * 32 * 3) * d
+    q = k = v = o = tokens * 2 * d * d
+    fc1 = fc2 = tokens * 2 * d * mlp
+    scores = 2 * tokens * tokens * d  # [50 x 64] @ [64 x 50] per head, 12 heads
+    weighted_values = 2 * tokens * tokens * d
+    image = patch_embed + layers * (q + k + v + o + fc1 + fc2 + scores + weighted_values) + 2 * d * 512
+    # Text: 77 tokens, width 512, MLP 2048; the token embedding is a lookup (no FLOPs).
+    t, d, mlp = 77, 512, 2048
+    q = k = v = o = t * 2 * d * d
+    fc1 = fc2 = t * 2 * d * mlp
+    text = layers * (q + k + v + o + fc1 + fc2 + 2 * (2 * t * t * d)) + 2 * d * 512
+    return image, text
+
+
+def test_b32_model_flops_equal_a_hand_count():
+    c = base_config()
+    c.model.size = "B/32"
+    c.data.source = "synthetic"
+    c.data.tokenizer = "clip"
+    validate(c)
+    image, text = _hand_count_b32_forward_per_example()
+    # OpenCLIP's published profile for ViT-B-32 lists 4.41 G multiply-adds for the image tower.
+    assert image / 2 / 1e9 == pytest.approx(4.41, abs=0.005)
+    batch = 256
+    loss = 2 * batch * batch * 512  # the similarity matrix, forward
+    expected = 3 * (batch * (image + text) + loss)  # backward = 2 x forward
+    assert mfu_lib.clip_train_flops(c.model, batch) == expected
+
+
+def test_map_pooling_adds_its_head():
+    c = base_config()
+    c.model.size = "B/32"
+    validate(c)
+    tok = mfu_lib.clip_train_flops(c.model, 8)
+    with c.unlocked():
+        c.model.image.pool = "map"
+    d, t, mlp = 768, 50, 3072
+    head = 2 * d * d + 2 * (2 * t * d * d) + 2 * (2 * t * d) + 2 * d * d + 2 * (2 * d * mlp)
+    assert mfu_lib.clip_train_flops(c.model, 8) - tok == 3 * 8 * head
+
+
+def _flops(remat, devices):
+    c = validate(tiny_config(batch=8, **{"model.remat": remat, "model.scan": True, "mesh.data": 1}), 1)
+    setup = make_setup(c, sharding.mesh_from_config(c.mesh, devices[:1]))
+    return mfu_lib.clip_train_flops(c.model, 8), hlo_flops.compiled_flops(compile_train_step(setup))
+
+
+def test_model_flops_ignore_remat_while_compiled_flops_grow(devices):
+    model_none, hw_none = _flops("none", devices)
+    model_full, hw_full = _flops("full", devices)
+    assert model_full == model_none  # train/mfu does not change with the remat policy
+    # Full remat recomputes each block's forward in the backward pass: about 4/3 of the work.
+    assert hw_full > 1.15 * hw_none, (hw_full, hw_none)
+
+
+@pytest.mark.parametrize("kind,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 80GB HBM3", "float32", 495e12),  # TF32 tensor cores
+    ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+    ("TPU v5p", "float32", 459e12),  # one bf16 pass at default precision
+    ("TPU v5 lite", "bfloat16", 197e12),
+])
+def test_peak_depends_on_dtype(kind, dtype, expected):
+    assert mfu_lib.lookup_peak(kind, dtype)[0] == expected
