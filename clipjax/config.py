@@ -144,6 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
         "grad_accum": 1,  # micro-batches per step (exact for contrastive losses)
         "log_every": 50,
         "max_consecutive_skips": 10,  # non-finite steps in a row before the run stops
+        "loss_spike_factor": 0.0,  # stop when the loss exceeds this times its running mean (0: off)
+        "loss_spike_window": 50,  # steps in that running mean (the check starts once it is full)
         "report": True,  # PNG report of the curves at the end
     })
     c.checkpoint = ml_collections.ConfigDict({
@@ -340,11 +342,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
                 raise ConfigError(f"optim.{key}={o[key]} must be positive")
 
         t = c.train
-        for key in ("batch_size", "steps", "grad_accum", "log_every"):
+        for key in ("batch_size", "steps", "grad_accum", "log_every", "loss_spike_window"):
             if t[key] <= 0:
                 raise ConfigError(f"train.{key}={t[key]} must be positive")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        if t.loss_spike_factor < 0 or 0 < t.loss_spike_factor <= 1:
+            raise ConfigError(f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1")
         if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
             raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
 
