@@ -31,7 +31,7 @@ import numpy as np
 from clipjax.atomic import atomic_path
 from clipjax.progress import Progress
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipjax")
 
 METRICS_FILE = "metrics.jsonl"
 
