@@ -3,7 +3,10 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``. Orbax writes each
 step into a temporary folder and renames it when complete, so a run killed
 mid-save never resumes from a partial checkpoint. State is restored straight
-into the caller's shardings, whatever mesh saved it.
+into the caller's shardings, whatever mesh saved it. A step damaged later
+(truncated or deleted files) is moved aside to ``<step>.damaged`` and the
+next older step is restored instead; a failed asynchronous save stops the run
+at the next step with the path it could not write.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import json
 import logging
 import os
 import re
-import signal
-import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers
 
 from clipjax.errors import UserError
 
@@ -37,6 +42,55 @@ class IncompatibleCheckpoint(UserError, ValueError):
 
 class WorkdirError(UserError, PermissionError):
     """The workdir cannot be created or written."""
+
+
+class DamagedCheckpoint(UserError, RuntimeError):
+    """A checkpoint step whose files cannot be read, although its layout matches this config."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} is damaged: {reason}")
+        self.step, self.reason = step, reason
+
+
+class CheckpointSaveError(UserError, RuntimeError):
+    """An (asynchronous) checkpoint save failed: disk full, permissions, a vanished bucket."""
+
+
+def _first_line(error: BaseException, limit: int = 1000) -> str:
+    """The gist of a storage error: tensorstore appends kilobytes of spec JSON after the cause."""
+    text = str(error).split(" [tensorstore_spec", 1)[0].strip().splitlines()
+    text = text[0] if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path: shape} with dict keys, attribute names and sequence indices all written as strings."""
+    def part(k) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(part(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _all_processes(ok: bool) -> bool:
+    """True only when ``ok`` holds on every process (one bad reader makes the step bad for all)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class PinnedSteps:
+    """Orbax preservation policy: keeps the pinned steps (the newest good one before a divergence)."""
+
+    def __init__(self) -> None:
+        self.steps: set[int] = set()
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        del context
+        return [c.step in self.steps for c in checkpoints]
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -95,6 +149,36 @@ def check_compatible(saved_json: str, current_json: str) -> None:
         raise IncompatibleCheckpoint("the checkpoint was written by an incompatible config: " + "; ".join(diffs))
 
 
+class _QuietOrbaxFailures(logging.Filter):
+    """Drops the tracebacks orbax logs (several times over) for a failed background save.
+
+    CheckpointSaveError reports the failure once, naming the path; ``--verbosity=0``
+    (absl INFO) keeps orbax's tracebacks for debugging.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in record.pathname and absl_logging.get_verbosity() < absl_logging.INFO:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET_ORBAX = _QuietOrbaxFailures()
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, kept off JAX's preemption sync counter (clipjax.preemption owns it).
+
+    Orbax asks ``reached_preemption(step)`` at save time and again from its finalize
+    thread for an older step; each call sets this process's counter to that step, so
+    a notice landing just then would pick a sync step some process has already passed.
+    Saves are decided by the loop (always ``force=True``), so orbax never needs the answer.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
 class Checkpointer:
     """Saves and restores ``{"state", "data", "config"}`` under ``WORKDIR/checkpoints``."""
 
@@ -102,14 +186,24 @@ class Checkpointer:
                  config_json: str | None = None):
         self.every = int(every)
         self.config_json = config_json
+        self.pinned = PinnedSteps()
+        preservation = checkpoint_managers.AnyPreservationPolicy(
+            [checkpoint_managers.LatestN(n=int(keep)), self.pinned])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=int(keep), enable_async_checkpointing=bool(async_save), create=True)
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+            preservation_policy=preservation, enable_async_checkpointing=bool(async_save), create=True)
+        self.manager = _Manager(checkpoint_dir(workdir), options=options)
+        self._saving: int | None = None  # step of the save in flight, for error messages
+        logging.getLogger("absl").addFilter(_QUIET_ORBAX)  # adding the same filter twice is a no-op
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (orbax ignores unfinished ones)."""
         self.manager.reload()
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first (``<step>.damaged`` folders are not steps)."""
+        self.manager.reload()
+        return list(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
@@ -124,7 +218,32 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         # The caller's cadence (should_save, SIGTERM, the last step) decides; orbax always writes.
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.check()
+        self._saving = step
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - a synchronous save fails here, an async one in check()
+            raise self._save_error(e) from e
+
+    def pin_newest(self) -> int | None:
+        """Keeps the newest saved step whatever ``keep`` says (called when a divergence begins)."""
+        step = self.manager.latest_step()
+        if step is not None:
+            self.pinned.steps.add(int(step))
+        return step
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError if the last asynchronous save has failed (cheap: no waiting)."""
+        try:
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()  # returns at once, or re-raises the finished save's error
+        except Exception as e:  # noqa: BLE001 - any storage error; re-raised as one clear line
+            raise self._save_error(e) from e
+
+    def _save_error(self, error: BaseException) -> CheckpointSaveError:
+        where = self.manager.directory / str(self._saving) if self._saving is not None else self.manager.directory
+        return CheckpointSaveError(f"saving checkpoint step {self._saving} to {where} failed: {_first_line(error)} "
+                                   "(free space or fix permissions there; the run resumes from the last complete step)")
 
     def saved_config(self, step: int) -> str | None:
         try:
@@ -144,10 +263,64 @@ class Checkpointer:
             items["data"] = data_args
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise IncompatibleCheckpoint(
-                f"cannot restore step {step} of {self.manager.directory} into this config's state: {e}") from e
+        except Exception as e:  # noqa: BLE001 - sorted below into damage or incompatibility
+            if not (self.manager.directory / str(step) / "state").exists():
+                raise DamagedCheckpoint(step, "its state/ folder is missing") from e
+            mismatch = self._layout_mismatch(step, abstract_state)
+            if mismatch:
+                raise IncompatibleCheckpoint(
+                    f"cannot restore step {step} of {self.manager.directory} into this config's state: "
+                    f"{mismatch}") from e
+            raise DamagedCheckpoint(step, _first_line(e)) from e
         return restored["state"], restored.get("data") if data_args is not None else None
+
+    def _layout_mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """How the saved state's tree and shapes differ from ``abstract_state``.
+
+        None when they agree or when the layout itself cannot be read: either way
+        the checkpoint is damaged, not written by another model.
+        """
+        path = self.manager.directory / str(step) / "state"
+        try:
+            saved = _leaf_shapes(ocp.StandardCheckpointer().metadata(path).item_metadata.tree)
+        except Exception:  # noqa: BLE001 - unreadable (or absent) metadata is damage
+            return None
+        wanted = _leaf_shapes(abstract_state)
+        diffs = [f"{'.'.join(k)}: checkpoint {saved.get(k)} vs config {wanted.get(k)}"
+                 for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        return "; ".join(diffs[:5]) + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else "") or None
+
+    def restore_newest_intact(self, restore_step: Callable[[int], Any]) -> tuple[int, Any] | None:
+        """``(step, restore_step(step))`` for the newest step that restores, or None when there is none.
+
+        Steps are tried newest first. A damaged one is logged, moved aside to
+        ``<step>.damaged`` (never deleted; orbax no longer lists it) and the next
+        older one is tried. IncompatibleCheckpoint propagates: an older step
+        would not fit either.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            reason = None
+            try:
+                result = restore_step(step)
+            except DamagedCheckpoint as e:
+                reason = e.reason
+            if _all_processes(reason is None):
+                return step, result
+            self._set_aside(step, reason or "another process could not read it")
+        return None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        source = self.manager.directory / str(step)
+        target = self.manager.directory / f"{step}.damaged"
+        n = 1
+        while target.exists():
+            target, n = self.manager.directory / f"{step}.damaged.{n}", n + 1
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"clipjax_set_aside_{step}")
+        self.manager.reload()
+        log.warning("checkpoint step %d is damaged (%s); moved to %s, trying the previous step", step, reason, target)
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params of ``step`` (evaluation, export), onto ``abstract_params``'s shardings."""
@@ -168,14 +341,17 @@ class Checkpointer:
         counts = {count for count, _ in found.values()}
         if len(counts) > 1 or (counts and sorted(found) != list(range(counts.pop()))):
             names = sorted(p.name for p in folder.iterdir())
-            raise IncompatibleCheckpoint(f"{folder}: data iterator files do not form one set: {names}")
+            raise DamagedCheckpoint(step, f"{folder}: data iterator files do not form one set: {names}")
         return [found[i][1] for i in sorted(found)]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any storage error; re-raised as one clear line
+            raise self._save_error(e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
@@ -248,25 +424,3 @@ def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | Non
         log.info("init_from: position tables of %s resampled to this model's size", ", ".join(sorted(other)))
     return params
 
-
-class PreemptionWatcher:
-    """Sets ``requested`` on SIGTERM (chaining any previous handler) so the loop can save and stop."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self._event.set()
-        if callable(self._previous) and self._previous not in (signal.SIG_DFL, signal.SIG_IGN):
-            self._previous(signum, frame)
-
-    @property
-    def requested(self) -> bool:
-        return self._event.is_set()
-
-    def close(self) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)

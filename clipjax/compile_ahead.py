@@ -211,7 +211,8 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     if config.data.source == "arrayrecord" and not config.data.path:
         with config.unlocked():  # the compiled step never reads data: a plan needs no shards
             config.data.path = "(not needed to compile)"
-    config_lib.validate(config, len(devices))
+    # Plans are for accelerators (simulated CPU devices stand in for them): model.dtype=auto is bf16.
+    config_lib.validate(config, len(devices), platform="tpu")
     mesh = sharding.mesh_from_config(config.mesh, devices)
     kind = devices[0].device_kind
     on_tpu = devices[0].platform == "tpu"

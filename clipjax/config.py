@@ -89,7 +89,7 @@ def _model_config() -> ml_collections.ConfigDict:
         },
         "act": "gelu",  # gelu | gelu_tanh | quick_gelu (OpenAI's original weights)
         "ln_eps": 1e-5,
-        "dtype": "bfloat16",  # compute dtype; params and optimizer state stay float32
+        "dtype": "auto",  # compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU); params stay float32
         "remat": "none",  # none | full | dots | dots_no_batch (per block)
         "scan": True,  # scan over blocks: compile time independent of depth
         "init_logit_scale": ph(float),  # derived: log(1/0.07) softmax, log(10) sigmoid
@@ -145,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
         "grad_accum": 1,  # micro-batches per step (exact for contrastive losses)
         "log_every": 50,
         "max_consecutive_skips": 10,  # non-finite steps in a row before the run stops
+        "loss_spike_factor": 0.0,  # stop when the loss exceeds this times its running mean (0: off)
+        "loss_spike_window": 50,  # steps in that running mean (the check starts once it is full)
         "report": True,  # PNG report of the curves at the end
         # CLIPA: ((steps, image_size, context_length), ...) run first; the rest at the model's size.
         "stages": (),
@@ -280,11 +282,18 @@ def _check_choice(value: Any, choices: Sequence[Any], key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+def default_dtype(platform: str) -> str:
+    """The faster compute dtype on ``platform``: CPUs have no fast bf16 matmuls, GPUs and TPUs do."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
+             platform: str | None = None) -> ml_collections.ConfigDict:
     """Derives unset values and checks consistency; returns the same (mutated) config.
 
     With ``num_devices`` it also resolves the mesh and checks that the global
-    batch (and micro-batch) divides over the data-parallel axes.
+    batch (and micro-batch) divides over the data-parallel axes. ``platform``
+    (default: jax's default backend) resolves ``model.dtype="auto"``.
     """
     with c.unlocked():
         m = c.model
@@ -303,6 +312,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")
         _check_choice(m.act, list(ACTIVATIONS), "model.act")
         _check_choice(m.remat, list(REMAT_POLICIES), "model.remat")
+        if m.dtype == "auto":
+            import jax
+
+            m.dtype = default_dtype(platform or jax.default_backend())
         _check_choice(m.dtype, list(DTYPES), "model.dtype")
         _as_config_error(validate_data_config, c.data)
         c.data.buffer_size = ImageOptions.from_config(c.data, m.image.image_size).buffer_size
@@ -333,7 +346,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                 raise ConfigError(f"optim.{key}={o[key]} must be positive")
 
         t = c.train
-        for key in ("batch_size", "steps", "grad_accum", "log_every"):
+        for key in ("batch_size", "steps", "grad_accum", "log_every", "loss_spike_window"):
             if t[key] <= 0:
                 raise ConfigError(f"train.{key}={t[key]} must be positive")
         if t.batch_size % t.grad_accum:
@@ -341,6 +354,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         from clipjax.stages import validate_stages
 
         _as_config_error(validate_stages, c)
+        if t.loss_spike_factor < 0 or 0 < t.loss_spike_factor <= 1:
+            raise ConfigError(f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1")
         if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
             raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
 

@@ -66,8 +66,28 @@ def tower_labels(params: Any, o) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (same state, same arithmetic) that can reuse a known norm.
+
+    ``update(grads, state, params, grad_norm=n)`` clips with ``n`` instead of computing the
+    norm again: the train step already has it for its non-finite check, and on a large model
+    each norm is a full pass over the gradients.
+    """
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(g_norm < max_norm)
+        updates = jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm), updates)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW chain: clip (global norm) -> Adam -> decoupled decay (masked) -> -lr * tower multiplier.
+
+    ``update`` accepts ``grad_norm=`` (the gradients' global norm, when the caller has it).
 
     Locked towers go through ``optax.set_to_zero`` and hold no Adam moments.
     """
@@ -87,7 +107,7 @@ def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, o
     )
     parts = []
     if o.clip_norm and o.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(o.clip_norm))
+        parts.append(clip_by_global_norm(o.clip_norm))
     parts.append(inner)
     return optax.chain(*parts), schedule
 

@@ -209,15 +209,21 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
     keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(config.seed, state.step))
     loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase)
 
+    # The one pass over the gradients besides the update: clipping reuses this norm.
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = setup.tx.update(grads, state.opt_state, params)
-    new_params = optim.clamp_logit_scale(optax.apply_updates(params, updates), config.model.max_logit_scale)
-    # A non-finite step leaves weights and optimizer state exactly as they were.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+        updates, new_opt = setup.tx.update(grads, opt_state, params, grad_norm=grad_norm)
+        return optim.clamp_logit_scale(optax.apply_updates(params, updates), config.model.max_logit_scale), new_opt
+
+    # A non-finite step leaves weights and optimizer state exactly as they were. A cond rather
+    # than a select of new against old: the select reads the old buffers after the update has
+    # started overwriting them in place, so XLA copies every parameter and moment first.
+    new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), params, state.opt_state)
     skips = jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32)
     new_state = TrainState(
-        step=state.step + 1, params=keep(new_params, params), opt_state=keep(new_opt, state.opt_state),
+        step=state.step + 1, params=new_params, opt_state=new_opt,
         consecutive_skips=skips, total_skips=state.total_skips + (~finite).astype(jnp.int32))
     out = {f"train/{name}": value for name, value in metrics.items()}
     out.update({
@@ -225,7 +231,6 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
         # The optimizer counts applied updates only, so skipped steps do not advance the schedule.
         "train/lr": setup.schedule(state.step - state.total_skips),
         "train/grad_norm": grad_norm,
-        "train/param_norm": optax.global_norm(params),
         "train/finite": finite,
         "train/consecutive_skips": skips,
         "train/skipped_steps": new_state.total_skips,

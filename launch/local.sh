@@ -5,9 +5,10 @@
 #   launch/local.sh N [--devices_per_process=D] [--port=P] [--cmd=train|eval] -- --config=... --workdir=... [...]
 #
 # Every process gets the same flags plus --coordinator/--num_processes/--process_id.
-# Logs go to WORKDIR-independent files /tmp/clipjax-local-<port>/process_<i>.log;
-# process 0's output is streamed. If any process fails, the others are killed
-# and the launch exits non-zero.
+# Logs go to process_<i>.log in a fresh private directory (mktemp -d, named on
+# stderr); process 0's output is streamed. If any process fails, the others are
+# killed and the launch exits non-zero. Ctrl-C or SIGTERM to the launcher: every
+# process saves the same step and stops.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
@@ -30,8 +31,9 @@ done
 
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${CLIPJAX_BIN:-$HERE/.venv/bin}"
-LOGDIR="/tmp/clipjax-local-$PORT"
-mkdir -p "$LOGDIR"
+# A fresh, private directory: a predictable /tmp name could be a planted symlink.
+LOGDIR="$(mktemp -d "${TMPDIR:-/tmp}/clipjax-local-$PORT.XXXXXX")"
+echo "clipjax local launch: logs in $LOGDIR" >&2
 
 pids=()
 signal_=TERM  # Ctrl-C or a SIGTERM to the launcher: the processes save a checkpoint and stop

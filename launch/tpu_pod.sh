@@ -55,11 +55,16 @@ if ! "${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" >/dev/null 2>&1; then
 fi
 
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
-TARBALL="$(mktemp -d)/clipjax.tar.gz"
-git -C "$HERE" archive --format=tar.gz -o "$TARBALL" "$BRANCH"
-"${GCLOUD[@]}" scp "$TARBALL" "$NAME":/tmp/clipjax.tar.gz --worker=all "${COMMON[@]}"
+LOCAL_TMP="$(mktemp -d)"
+trap 'rm -rf "$LOCAL_TMP"' EXIT
+git -C "$HERE" archive --format=tar.gz -o "$LOCAL_TMP/clipjax.tar.gz" "$BRANCH"
+# The archive lands in a private folder under the worker's home, never at a fixed name in
+# the shared /tmp, where another user could have planted a symlink or a different archive.
+"${GCLOUD[@]}" ssh "$NAME" --worker=all "${COMMON[@]}" --command='mkdir -p -m 700 ~/.clipjax-upload'
+"${GCLOUD[@]}" scp "$LOCAL_TMP/clipjax.tar.gz" "$NAME":.clipjax-upload/clipjax.tar.gz --worker=all "${COMMON[@]}"
 "${GCLOUD[@]}" ssh "$NAME" --worker=all "${COMMON[@]}" --command='
-  set -e; mkdir -p ~/clipjax && tar -xzf /tmp/clipjax.tar.gz -C ~/clipjax && cd ~/clipjax
+  set -e; mkdir -p ~/clipjax && tar -xzf ~/.clipjax-upload/clipjax.tar.gz -C ~/clipjax && rm -f ~/.clipjax-upload/clipjax.tar.gz
+  cd ~/clipjax
   test -d .venv || python3 -m venv .venv
   .venv/bin/pip install -q -e . "jax[tpu]"'
 

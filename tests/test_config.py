@@ -99,3 +99,15 @@ def test_sizes_are_one_table():
         assert m.embed_dim == row["embed_dim"], name
         for tower in ("image", "text"):
             assert {k: m[tower][k] for k in row[tower]} == row[tower], (name, tower)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():
+    from clipjax.config import base_config, validate
+
+    assert base_config().model.dtype == "auto"
+    assert validate(base_config()).model.dtype == "float32"  # the tests run on CPU
+    assert validate(base_config(), platform="tpu").model.dtype == "bfloat16"
+    assert validate(base_config(), platform="gpu").model.dtype == "bfloat16"
+    c = base_config()
+    c.model.dtype = "bfloat16"
+    assert validate(c).model.dtype == "bfloat16"  # an explicit choice stands

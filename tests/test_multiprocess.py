@@ -137,3 +137,33 @@ def test_a_dead_process_ends_the_launch_and_a_rerun_resumes(data_dir, tmp_path):
     time.sleep(1)  # let the killed survivors' ports close
     run_local(2, run, data_dir, saved + 4)
     assert max(losses_of(run)) == saved + 4
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(data_dir, tmp_path):
+    """A pod's scheduler may signal one host: all hosts must still save one common step and exit 0."""
+    run = str(tmp_path / "run")
+    port = _free_port()
+    cmd = ["bash", LAUNCH, "2", "--devices_per_process=4", f"--port={port}", "--",
+           *_flags(run, data_dir, 100000, "--config.train.log_every=1")]
+    launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.exists(os.path.join(run, "metrics.jsonl"))
+                                          and len(losses_of(run)) >= 2):
+        time.sleep(0.5)
+    victim = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port} .*--process_id=1"], capture_output=True,
+                            text=True).stdout.split()
+    assert victim and os.path.exists(os.path.join(run, "metrics.jsonl")), "no step logged by a running process 1"
+    signalled_after = max(losses_of(run))
+    os.kill(int(victim[0]), signal.SIGTERM)
+    try:
+        _, err = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail("the processes did not stop together after one of them got SIGTERM")
+    assert launcher.returncode == 0, err.decode()[-4000:]
+    saved = ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step()
+    assert saved > signalled_after and saved == max(losses_of(run))
+    # Both processes wrote their data-iterator state at that same step.
+    states = ckpt_lib.Checkpointer(run, every=4, keep=3).data_states(saved)
+    assert len(states) == 2 and all(s["position"] == saved * 16 for s in states), states

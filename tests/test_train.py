@@ -46,7 +46,7 @@ def test_loss_falls_on_learnable_data(data_dir, tmp_path):
     rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     keys = set().union(*rows)
     for key in ("train/loss", "train/lr", "train/scale", "train/grad_norm", "train/samples_per_sec",
-                "train/step_time", "train/mfu", "train/i2t_acc", "train/t2i_acc"):
+                "train/step_time", "train/mfu", "train/hfu", "train/i2t_acc", "train/t2i_acc"):
         assert key in keys, key
 
 
@@ -168,7 +168,8 @@ def test_sigkill_then_restart_equals_uninterrupted_run(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_saves_the_current_step(data_dir, tmp_path, signum):
     run = str(tmp_path / "run")
     cmd, env = _cli(run, data_dir, "--config.train.steps=100000", "--config.checkpoint.every=1000",
                     "--config.train.log_every=1")
@@ -178,7 +179,7 @@ def test_sigterm_saves_the_current_step(data_dir, tmp_path):
         if os.path.exists(os.path.join(run, "metrics.jsonl")) and len(losses_of(run)) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-3000:]
     step = ckpt_lib.Checkpointer(run, every=1000, keep=3).latest_step()

@@ -230,16 +230,12 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
                 batch = device_batch(setup)
                 next_batch = lambda: batch
             elif data == "included":
-                from clipjax.data import pipeline
+                from clipjax.data import train_input
 
-                it = pipeline.make_train_iterator(
+                it = train_input.make_train_iterator(
                     config.data, global_batch_size=batch_size, image_size=config.model.image.image_size,
                     context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
-
-                def next_batch():
-                    b = next(it)
-                    b.pop("num_skipped", None)
-                    return b
+                next_batch = lambda: next(it)
             else:
                 raise SystemExit(f"--data={data!r}: choose excluded or included")
             box = [state]

@@ -147,6 +147,11 @@ class TextTower(nn.Module):
         d = self.width
         tok = param_with_axes(self, "token_embedding", nn.initializers.normal(0.02), (self.vocab_size, d), ("vocab", "embed"))
         pos = param_with_axes(self, "pos_embedding", nn.initializers.normal(0.01), (self.context_length, d), ("pos", "embed"))
+        # Look rows up in the whole table, as FSDP gathers every weight before use. A lookup in
+        # the embed-sharded table yields embed-sharded activations; their gradient, sharded over
+        # the batch, would then have to become embed-sharded, which XLA's SPMD partitioner can
+        # only do by replicating it ("involuntary full rematerialization").
+        tok = constrain(tok, ("vocab", None))
         # A shorter text (a short-context training stage) uses the first positions.
         x_BTD = jnp.take(tok, ids_BT, axis=0).astype(self.dtype) + pos[None, :t].astype(self.dtype)
         x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))

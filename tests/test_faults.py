@@ -1,0 +1,290 @@
+"""Faults injected for real: damaged checkpoints, divergence, a full disk, Ctrl-C, planted symlinks.
+
+Each test breaks something the way it breaks in the field (truncated and deleted
+files, a learning rate that blows the weights up, a filesystem that runs out of
+space, real signals to real processes, a symlink at a predictable path) and
+checks what survives.
+"""
+
+import errno
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from clipjax import checkpoint as ckpt_lib
+from clipjax.config import load_config
+from clipjax.report import read_metrics
+from clipjax.train import LossSpikeError, NonFiniteError, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.py")
+QUIET = ("--config.evals.synthetic_zeroshot.every=0", "--config.evals.synthetic_retrieval.every=0",
+         "--config.train.report=false")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def smoke(data_dir, *overrides):
+    return load_config(f"{DEMO}:smoke,data={data_dir}", [*QUIET, *overrides])
+
+
+def losses_of(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "train/loss" in r}
+
+
+def saved_params(workdir, step):
+    """The params saved at ``step`` as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))["params"]
+
+
+def steps_on_disk(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+# ---------------------------------------------------------------- 1. damaged checkpoints
+
+
+def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(data_dir, tmp_path, caplog):
+    run = str(tmp_path / "run")
+    sync = ("--config.checkpoint.every=2", "--config.checkpoint.keep=3", "--config.checkpoint.async_save=false")
+    train(smoke(data_dir, "--config.train.steps=6", *sync), run)
+    want = losses_of(run)
+    ck = os.path.join(run, "checkpoints")
+    # Step 6: every array file cut in half. Step 4: its state/ folder gone.
+    for folder, _, files in os.walk(os.path.join(ck, "6", "state")):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.sep + "d" + os.sep in path + os.sep and os.path.basename(folder) == "d":
+                os.truncate(path, os.path.getsize(path) // 2)
+    shutil.rmtree(os.path.join(ck, "4", "state"))
+
+    with caplog.at_level(logging.WARNING, logger="clipjax"):
+        train(smoke(data_dir, "--config.train.steps=6", *sync), run)
+    damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(damaged) == 2 and "step 6" in damaged[0] and "step 4" in damaged[1], damaged
+    assert "OUT_OF_RANGE" in damaged[0] or "not valid" in damaged[0], damaged[0]
+    assert "state/ folder is missing" in damaged[1], damaged[1]
+    # Moved aside with their files, never deleted; orbax lists only the intact steps.
+    assert {"2", "4", "6", "4.damaged", "6.damaged"} <= set(steps_on_disk(run))
+    assert os.listdir(os.path.join(ck, "6.damaged", "state"))
+    assert ckpt_lib.Checkpointer(run, every=2, keep=3).all_steps() == [2, 4, 6]
+    # Resumed from step 2: steps 3-6 were trained again, exactly as the first time.
+    got = losses_of(run)
+    for step in (3, 4, 5, 6):
+        assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_a_checkpoint_of_other_shapes_is_incompatible_not_damaged(data_dir, tmp_path):
+    import orbax.checkpoint as ocp
+
+    run = str(tmp_path / "run")
+    train(smoke(data_dir, "--config.train.steps=2", "--config.checkpoint.every=2",
+                "--config.checkpoint.async_save=false"), run)
+    saved = ocp.StandardCheckpointer().metadata(os.path.join(run, "checkpoints", "2", "state")).item_metadata.tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    abstract["params"]["logit_scale"] = jax.ShapeDtypeStruct((2,), np.float32)  # another model's parameter
+    ck = ckpt_lib.Checkpointer(run, every=2, keep=3)  # no saved config to compare: the arrays decide
+    with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match=r"^cannot restore step 2 .*: "
+                                                              r"params.logit_scale: checkpoint \(\) vs config \(2,\)$"):
+        ck.restore_newest_intact(lambda step: ck.restore(step, abstract))
+    assert steps_on_disk(run) == ["2"]  # left in place
+
+
+# ---------------------------------------------------------------- 4. divergence
+
+
+def _diverging(data_dir, *extra):
+    """SigLIP at lr 1e6: the loss jumps from ~10 to ~3e7 at step 2 (finite garbage), then goes non-finite."""
+    return smoke(data_dir, "--config.train.steps=20", "--config.loss.kind=sigmoid", "--config.optim.lr=1e6",
+                 "--config.optim.warmup_steps=0", "--config.optim.schedule=constant", "--config.checkpoint.every=1",
+                 "--config.checkpoint.keep=1", "--config.checkpoint.async_save=false", *extra)
+
+
+def test_divergence_saves_nothing_inside_the_non_finite_streak(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(NonFiniteError, match=r"restart from step \d+ in") as info:
+        train(_diverging(data_dir, "--config.train.max_consecutive_skips=3"), run)
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    first_bad = min(r["step"] for r in rows if r.get("train/consecutive_skips", 0) >= 1)
+    # keep=1: the only checkpoint left is the last one before the streak, not one taken inside it.
+    assert ckpt_lib.Checkpointer(run, every=1, keep=1).all_steps() == [first_bad - 1]
+    assert f"restart from step {first_bad - 1} in" in str(info.value)
+
+
+def test_a_loss_spike_stops_the_run_before_saving_and_names_the_step_to_restart_from(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    # Two warmup steps: lr 0 then 5e5; the loss of step 3 measures the blown-up weights of step 2.
+    with pytest.raises(LossSpikeError, match=r"^step 3: loss .* weights of step 2; .* restart from step 1 in"):
+        train(_diverging(data_dir, "--config.optim.warmup_steps=2", "--config.checkpoint.keep=3",
+                         "--config.train.loss_spike_factor=10", "--config.train.loss_spike_window=1"), run)
+    assert ckpt_lib.Checkpointer(run, every=1, keep=3).all_steps() == [1, 2]  # step 3 was not saved
+    params = saved_params(run, 1)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_retention_keeps_a_pinned_step_beyond_keep(tmp_path):
+    """The step pinned when a divergence begins outlives checkpoint.keep."""
+    ck = ckpt_lib.Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+    state = {"w": np.arange(4.0)}
+    for step in (1, 2):
+        ck.save(step, state)
+    assert ck.pin_newest() == 2
+    for step in (3, 4):
+        ck.save(step, state)
+    ck.close()
+    assert ckpt_lib.Checkpointer(str(tmp_path), every=1, keep=1).all_steps() == [2, 4]
+
+
+# ---------------------------------------------------------------- 7. disk full
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 MiB tmpfs (needs root: mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_at_the_next_step_naming_the_path(data_dir, tmp_path, tiny_disk):
+    from clipjax.train import _default_data_iterator
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(tiny_disk, run / "checkpoints")  # only the checkpoints live on the small disk
+
+    class FillsTheDisk:
+        """The real pipeline; fills the disk when step 4 starts, but for 64 KiB.
+
+        The step-4 save then creates its folders and small metadata files, and only its
+        arrays (~430 KB) fail to fit, in orbax's background thread.
+        """
+
+        def __init__(self, config, mesh):
+            self.inner, self.n = _default_data_iterator(config, mesh), 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 4:
+                filler = tiny_disk / "filler"
+                with open(filler, "wb", buffering=0) as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 16))
+                    except OSError as e:
+                        assert e.errno == errno.ENOSPC
+                os.truncate(filler, os.path.getsize(filler) - (1 << 16))
+            return next(self.inner)
+
+        def save_args(self):
+            return self.inner.save_args()
+
+        def restore_args(self):
+            return self.inner.restore_args()
+
+    iterators = []
+
+    def make(config, mesh):
+        iterators.append(FillsTheDisk(config, mesh))
+        return iterators[-1]
+
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"checkpoint step 4 to .*checkpoints/4 failed: .*"
+                                                           r"No space left on device"):
+        train(smoke(data_dir, "--config.train.steps=12", "--config.checkpoint.every=4"), str(run),
+              data_iterator_fn=make)
+    assert iterators[0].n < 8  # surfaced in the steps after the failed save, before the next save (8)
+    assert ckpt_lib.Checkpointer(str(run), every=4, keep=3).all_steps() == []
+
+
+# ---------------------------------------------------------------- 2. Ctrl-C
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    """After the first SIGINT the stop is requested and the default action is back."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        from clipjax.preemption import StopRequest
+        stop = StopRequest(0)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.at(1) and stop.signal_name == "SIGINT"
+        print("first Ctrl-C handled", flush=True)
+        time.sleep(120)
+        print("still alive", flush=True)
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"first Ctrl-C handled\n", proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # only if the second Ctrl-C did not end it
+    assert proc.returncode == -signal.SIGINT, err.decode()[-2000:]
+    assert b"still alive" not in out
+
+
+# ---------------------------------------------------------------- 8. launcher temp files
+
+
+def test_local_launcher_does_not_follow_a_symlink_planted_at_a_predictable_log_path(tmp_path):
+    port = 40000 + os.getpid() % 20000
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    planted = pathlib.Path(f"/tmp/clipjax-local-{port}")
+    if planted.is_symlink() or planted.exists():
+        pytest.skip(f"{planted} exists already")
+    planted.symlink_to(victim)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "clipjax-train").write_text("#!/bin/sh\necho fake process \"$@\"\n")
+    (fake_bin / "clipjax-train").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    env["CLIPJAX_BIN"] = str(fake_bin)
+    try:
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", f"--port={port}", "--", "--x=1"],
+                              env=env, capture_output=True, timeout=120)
+    finally:
+        planted.unlink()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert list(victim.iterdir()) == []
+    logdir = proc.stderr.decode().split("logs in ")[1].split()[0]
+    assert not os.path.islink(logdir) and oct(os.stat(logdir).st_mode & 0o777) == "0o700"
+    assert "fake process --coordinator=127.0.0.1" in (pathlib.Path(logdir) / "process_1.log").read_text()
+    shutil.rmtree(logdir)
+
+
+def test_tpu_pod_launcher_ships_the_archive_to_a_private_path(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "calls"
+    (fake_bin / "gcloud").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> {calls}\n")
+    (fake_bin / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--name=n", "--zone=z", "--",
+                           "--config=c"], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = calls.read_text().splitlines()
+    scp = [line for line in lines if " scp " in f" {line} "]
+    assert len(scp) == 1 and "n:.clipjax-upload/clipjax.tar.gz" in scp[0], lines
+    assert not any("/tmp/clipjax.tar.gz" in line for line in lines), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "calls"]  # the local archive is cleaned up
