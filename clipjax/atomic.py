@@ -30,4 +30,4 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` (local or a bucket) atomically, creating its folder."""
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        epath.Path(tmp).write_text(text)
+        epath.Path(tmp).write_text(text, encoding="utf-8")

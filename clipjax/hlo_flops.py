@@ -28,7 +28,7 @@ import logging
 import math
 import re
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipjax")
 
 _COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
 _PARAM = re.compile(r"([\w.\-]+):\s*([a-z]\w*\[[0-9,]*\])")

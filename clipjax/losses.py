@@ -17,7 +17,7 @@ impls (all exact; they differ in memory and communication)
   ring       text chunks travel round the ring with ``ppermute`` while each device
              sweeps its rows against them; column statistics (forward) and column
              gradients (backward) travel with the chunk and arrive home after one
-             lap. No device ever holds [B, D].
+             lap. No device ever holds [B, E].
 
 Every implementation makes one pass: local image rows against all text columns.
 Row statistics stay local; column statistics (the text-to-image log-sum-exp and
@@ -26,7 +26,7 @@ round the ring. Because rows and columns share indices, device k owns rows and
 columns ``k*b ... (k+1)*b - 1`` and finishes both halves of its loss terms.
 
 Dimension letters: B global batch, b local batch (B / n over n batch shards),
-D embedding, c column tile, r rows of a tile.
+E embedding width, c column tile, r rows of a tile.
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ def _lse_update(m: jax.Array, s: jax.Array, logits: jax.Array, axis: int) -> tup
     return m_new, s * jnp.exp(m - m_new) + jnp.sum(e, axis=axis)
 
 
-def _logits(q_rD, k_cD, scale, bias):
-    sims_rc = jnp.einsum("rd,cd->rc", q_rD, k_cD, preferred_element_type=jnp.float32)
+def _logits(q_rE, k_cE, scale, bias):
+    sims_rc = jnp.einsum("re,ce->rc", q_rE, k_cE, preferred_element_type=jnp.float32)
     return sims_rc, scale * sims_rc + bias
 
 
-def _tile_fwd(kind: str, q_rD, k_cD, row_ids, col_ids, scale, bias, row: Stats, col: Stats) -> tuple[Stats, Stats]:
+def _tile_fwd(kind: str, q_rE, k_cE, row_ids, col_ids, scale, bias, row: Stats, col: Stats) -> tuple[Stats, Stats]:
     """Folds the logits tile ``q k^T`` into the row and column statistics."""
-    _, logits = _logits(q_rD, k_cD, scale, bias)
+    _, logits = _logits(q_rE, k_cE, scale, bias)
     diag = row_ids[:, None] == col_ids[None, :]
     off = jax.lax.stop_gradient(jnp.where(diag, -jnp.inf, logits))
     row, col = dict(row), dict(col)
@@ -95,17 +95,17 @@ def _tile_fwd(kind: str, q_rD, k_cD, row_ids, col_ids, scale, bias, row: Stats, 
     return row, col
 
 
-def _tile_bwd(kind: str, q_rD, k_cD, lse_c, row_ids, col_ids, scale, bias, lse_r, w):
+def _tile_bwd(kind: str, q_rE, k_cE, lse_c, row_ids, col_ids, scale, bias, lse_r, w):
     """Gradients of ``w * loss`` from one recomputed tile: (dq, dk, dscale, dbias)."""
-    sims, logits = _logits(q_rD, k_cD, scale, bias)
+    sims, logits = _logits(q_rE, k_cE, scale, bias)
     diag = (row_ids[:, None] == col_ids[None, :]).astype(jnp.float32)
     if kind == "softmax":
         g = w * (jnp.exp(logits - lse_r[:, None]) + jnp.exp(logits - lse_c[None, :]) - 2.0 * diag)
     else:
         z = 2.0 * diag - 1.0
         g = -w * z * jax.nn.sigmoid(-z * logits)
-    dq = scale * jnp.einsum("rc,cd->rd", g.astype(k_cD.dtype), k_cD, preferred_element_type=jnp.float32)
-    dk = scale * jnp.einsum("rc,rd->cd", g.astype(q_rD.dtype), q_rD, preferred_element_type=jnp.float32)
+    dq = scale * jnp.einsum("rc,ce->re", g.astype(k_cE.dtype), k_cE, preferred_element_type=jnp.float32)
+    dk = scale * jnp.einsum("rc,re->ce", g.astype(q_rE.dtype), q_rE, preferred_element_type=jnp.float32)
     return dq, dk, jnp.sum(g * sims), jnp.sum(g)
 
 
@@ -151,9 +151,9 @@ def _sweep(tile_fn: Callable, row_carry: Any, k_blocks: tuple, col_carry: Any, c
 # --------------------------------------------------------------------------- metrics
 
 
-def _similarity_metrics(x_bD, y_bD, batch: int, axes) -> dict[str, jax.Array]:
+def _similarity_metrics(x_bE, y_bE, batch: int, axes) -> dict[str, jax.Array]:
     """Mean positive and negative cosine similarity from per-device sums (no logits needed)."""
-    x, y = x_bD.astype(jnp.float32), y_bD.astype(jnp.float32)
+    x, y = x_bE.astype(jnp.float32), y_bE.astype(jnp.float32)
     pos = jnp.sum(x * y)
     sx, sy = jnp.sum(x, axis=0), jnp.sum(y, axis=0)
     if axes:
@@ -194,43 +194,43 @@ def _merge_cols(kind: str, col_B: Stats, idx, b: int, axes) -> Stats:
     return out
 
 
-def _local_rows(axes, x_bD) -> tuple[int, jax.Array, jax.Array]:
+def _local_rows(axes, x_bE) -> tuple[int, jax.Array, jax.Array]:
     """(b, this device's index along the batch axes, global ids of its rows)."""
-    b = x_bD.shape[0]
+    b = x_bE.shape[0]
     idx = jax.lax.axis_index(axes)
     return b, idx, idx * b + jnp.arange(b)
 
 
-def _zero_grads(x_bD) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _zero_grads(x_bE) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Accumulators for (dx, dscale, dbias)."""
-    return jnp.zeros(x_bD.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    return jnp.zeros(x_bE.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
 
-def _allgather_body(kind, axes, batch, x_bD, y_bD, scale, bias):
-    b, idx, row_ids = _local_rows(axes, x_bD)
-    y_BD = jax.lax.all_gather(y_bD, axes, tiled=True)
-    row, col_B = _tile_fwd(kind, x_bD, y_BD, row_ids, jnp.arange(batch), scale, bias,
+def _allgather_body(kind, axes, batch, x_bE, y_bE, scale, bias):
+    b, idx, row_ids = _local_rows(axes, x_bE)
+    y_BE = jax.lax.all_gather(y_bE, axes, tiled=True)
+    row, col_B = _tile_fwd(kind, x_bE, y_BE, row_ids, jnp.arange(batch), scale, bias,
                            _init_stats(b, kind, True), _init_stats(batch, kind, False))
     partial, out = _finish(kind, row, _merge_cols(kind, col_B, idx, b, axes), batch)
-    return _metrics(partial, out, x_bD, y_bD, batch, axes)
+    return _metrics(partial, out, x_bE, y_bE, batch, axes)
 
 
-def _fwd_tile_fn(kind, x_bD, row_ids, scale, bias):
+def _fwd_tile_fn(kind, x_bE, row_ids, scale, bias):
     def tile_fn(row, k_tiles, col, col_start):
-        (y_cD,) = k_tiles
-        col_ids = col_start + jnp.arange(y_cD.shape[0])
-        return _tile_fwd(kind, x_bD, y_cD, row_ids, col_ids, scale, bias, row, col)
+        (y_cE,) = k_tiles
+        col_ids = col_start + jnp.arange(y_cE.shape[0])
+        return _tile_fwd(kind, x_bE, y_cE, row_ids, col_ids, scale, bias, row, col)
 
     return tile_fn
 
 
-def _bwd_tile_fn(kind, x_bD, row_ids, scale, bias, lse_r, w):
-    def tile_fn(acc, k_tiles, dy_cD, col_start):
-        y_cD, lse_c = k_tiles
-        col_ids = col_start + jnp.arange(y_cD.shape[0])
-        dx, dy, ds, db = _tile_bwd(kind, x_bD, y_cD, lse_c, row_ids, col_ids, scale, bias, lse_r, w)
+def _bwd_tile_fn(kind, x_bE, row_ids, scale, bias, lse_r, w):
+    def tile_fn(acc, k_tiles, dy_cE, col_start):
+        y_cE, lse_c = k_tiles
+        col_ids = col_start + jnp.arange(y_cE.shape[0])
+        dx, dy, ds, db = _tile_bwd(kind, x_bE, y_cE, lse_c, row_ids, col_ids, scale, bias, lse_r, w)
         acc = jax.tree.map(jnp.add, acc, (dx, ds, db))
-        return acc, dy_cD + dy
+        return acc, dy_cE + dy
 
     return tile_fn
 
@@ -239,26 +239,26 @@ def _loss_weight(kind: str, batch: int, g):
     return g / (2 * batch) if kind == "softmax" else g / batch
 
 
-def _chunked_fwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias):
-    b, idx, row_ids = _local_rows(axes, x_bD)
-    y_BD = jax.lax.all_gather(y_bD, axes, tiled=True)
-    row, col_B = _sweep(_fwd_tile_fn(kind, x_bD, row_ids, scale, bias), _init_stats(b, kind, True), (y_BD,),
+def _chunked_fwd_body(kind, axes, batch, c, x_bE, y_bE, scale, bias):
+    b, idx, row_ids = _local_rows(axes, x_bE)
+    y_BE = jax.lax.all_gather(y_bE, axes, tiled=True)
+    row, col_B = _sweep(_fwd_tile_fn(kind, x_bE, row_ids, scale, bias), _init_stats(b, kind, True), (y_BE,),
                         _init_stats(batch, kind, False), 0, c)
     partial, out = _finish(kind, row, _merge_cols(kind, col_B, idx, b, axes), batch)
-    loss, metrics = _metrics(partial, out, x_bD, y_bD, batch, axes)
+    loss, metrics = _metrics(partial, out, x_bE, y_bE, batch, axes)
     return loss, metrics, _residual_stats(kind, out, b)
 
 
-def _chunked_bwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias, res, g):
-    _, _, row_ids = _local_rows(axes, x_bD)
-    y_BD = jax.lax.all_gather(y_bD, axes, tiled=True)
+def _chunked_bwd_body(kind, axes, batch, c, x_bE, y_bE, scale, bias, res, g):
+    _, _, row_ids = _local_rows(axes, x_bE)
+    y_BE = jax.lax.all_gather(y_bE, axes, tiled=True)
     lse_cB = jax.lax.all_gather(res["lse_c"], axes, tiled=True)
-    tile_fn = _bwd_tile_fn(kind, x_bD, row_ids, scale, bias, res["lse_r"], _loss_weight(kind, batch, g))
-    (dx, ds, db), dy_BD = _sweep(tile_fn, _zero_grads(x_bD), (y_BD, lse_cB), jnp.zeros(y_BD.shape, jnp.float32), 0,
+    tile_fn = _bwd_tile_fn(kind, x_bE, row_ids, scale, bias, res["lse_r"], _loss_weight(kind, batch, g))
+    (dx, ds, db), dy_BE = _sweep(tile_fn, _zero_grads(x_bE), (y_BE, lse_cB), jnp.zeros(y_BE.shape, jnp.float32), 0,
                                  c)
-    dy = jax.lax.psum_scatter(dy_BD, axes, tiled=True)
+    dy = jax.lax.psum_scatter(dy_BE, axes, tiled=True)
     ds, db = jax.lax.psum((ds, db), axes)
-    return dx.astype(x_bD.dtype), dy.astype(y_bD.dtype), ds, db
+    return dx.astype(x_bE.dtype), dy.astype(y_bE.dtype), ds, db
 
 
 def _ring_loop(n: int, axes, idx, b: int, c: int, tile_fn, row_carry, k_blocks: tuple, col_carry):
@@ -286,22 +286,22 @@ def _ring_loop(n: int, axes, idx, b: int, c: int, tile_fn, row_carry, k_blocks: 
     return row_carry, send(col_carry) if n > 1 else col_carry
 
 
-def _ring_fwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias):
-    b, idx, row_ids = _local_rows(axes, x_bD)
-    row, col = _ring_loop(batch // b, axes, idx, b, c, _fwd_tile_fn(kind, x_bD, row_ids, scale, bias),
-                          _init_stats(b, kind, True), (y_bD,), _init_stats(b, kind, False))
+def _ring_fwd_body(kind, axes, batch, c, x_bE, y_bE, scale, bias):
+    b, idx, row_ids = _local_rows(axes, x_bE)
+    row, col = _ring_loop(batch // b, axes, idx, b, c, _fwd_tile_fn(kind, x_bE, row_ids, scale, bias),
+                          _init_stats(b, kind, True), (y_bE,), _init_stats(b, kind, False))
     partial, out = _finish(kind, row, col, batch)
-    loss, metrics = _metrics(partial, out, x_bD, y_bD, batch, axes)
+    loss, metrics = _metrics(partial, out, x_bE, y_bE, batch, axes)
     return loss, metrics, _residual_stats(kind, out, b)
 
 
-def _ring_bwd_body(kind, axes, batch, c, x_bD, y_bD, scale, bias, res, g):
-    b, idx, row_ids = _local_rows(axes, x_bD)
-    tile_fn = _bwd_tile_fn(kind, x_bD, row_ids, scale, bias, res["lse_r"], _loss_weight(kind, batch, g))
-    (dx, ds, db), dy = _ring_loop(batch // b, axes, idx, b, c, tile_fn, _zero_grads(x_bD), (y_bD, res["lse_c"]),
-                                  jnp.zeros(y_bD.shape, jnp.float32))
+def _ring_bwd_body(kind, axes, batch, c, x_bE, y_bE, scale, bias, res, g):
+    b, idx, row_ids = _local_rows(axes, x_bE)
+    tile_fn = _bwd_tile_fn(kind, x_bE, row_ids, scale, bias, res["lse_r"], _loss_weight(kind, batch, g))
+    (dx, ds, db), dy = _ring_loop(batch // b, axes, idx, b, c, tile_fn, _zero_grads(x_bE), (y_bE, res["lse_c"]),
+                                  jnp.zeros(y_bE.shape, jnp.float32))
     ds, db = jax.lax.psum((ds, db), axes)
-    return dx.astype(x_bD.dtype), dy.astype(y_bD.dtype), ds, db
+    return dx.astype(x_bE.dtype), dy.astype(y_bE.dtype), ds, db
 
 
 def _residual_stats(kind: str, out: Stats, b: int) -> Stats:
@@ -359,7 +359,7 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind
     """Contrastive loss over the global batch and its metrics.
 
     Args:
-      zimg, ztxt: L2-normalised [B, D] embeddings, sharded along B over the mesh's
+      zimg, ztxt: L2-normalised [B, E] embeddings, sharded along B over the mesh's
         batch axes; row i of each is a positive pair.
       scale: the positive temperature multiplier (exp of the learnable log-scale).
       bias: the SigLIP bias (sigmoid only; None means 0).
@@ -378,7 +378,7 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind
     if impl not in IMPLS:
         raise ValueError(f"contrastive_loss: unknown impl={impl!r}; choose one of {list(IMPLS)}")
     if zimg.ndim != 2 or zimg.shape != ztxt.shape:
-        raise ValueError(f"contrastive_loss: zimg {zimg.shape} and ztxt {ztxt.shape} must both be [B, D]")
+        raise ValueError(f"contrastive_loss: zimg {zimg.shape} and ztxt {ztxt.shape} must both be [B, E]")
     if kind == "softmax" and bias is not None:
         bias = None  # a bias cancels in the softmax
     scale = jnp.asarray(scale, jnp.float32)

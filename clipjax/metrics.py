@@ -31,7 +31,7 @@ import numpy as np
 from clipjax.atomic import atomic_path
 from clipjax.progress import Progress
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipjax")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -69,7 +69,7 @@ class MetricWriter:
                  interactive: bool | None = None, flush_secs: float = 30.0, stream: TextIO | None = None):
         self.workdir = workdir
         self.enabled = enabled
-        self.progress = Progress(total_steps=total_steps, interactive=interactive, stream=stream)
+        self.progress = Progress(total_steps=total_steps, interactive=interactive, stream=stream, enabled=enabled)
         self._flush_secs = flush_secs
         self._file: TextIO | None = None
         self._tb = None

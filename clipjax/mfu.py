@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipjax")
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, keyed by a substring of
 # ``jax.Device.device_kind`` (matched case-insensitively, longest key first, so

@@ -1,22 +1,35 @@
-"""Console output of a run: a progress line per logged step and aligned tables.
+"""Console output of a run: what start-up is doing, one progress line per logged step, tables.
 
-On a terminal the progress bar is redrawn in place; otherwise (log files, job
-schedulers) each logged step prints one plain line::
+Start-up phases print when they begin and how long they took::
 
-    step 120/1000 | train/loss 3.2101 | train/lr 1.2e-04 | eta 0:02:11
+    compiling the train step...
+    compiling the train step: done in 14.2s
+
+A logged training step shows five fields, always in this order, within 120 columns (every
+metric stays in ``metrics.jsonl`` and TensorBoard)::
+
+    step 120/1000 | loss 3.2101 | 1,234 samples/s | MFU 12.3% | ETA 0:02:11
+
+On a terminal they sit beside a tqdm bar redrawn in place; otherwise (a log file, a job
+scheduler) each logged step is one plain line, flushed as it is printed. Rows without a
+training loss (evaluations) are not shown as steps: evaluations print as a table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import shutil
 import sys
-from typing import Any, Mapping, TextIO
+import time
+from typing import Any, Iterator, Mapping, TextIO
 
-ETA_KEY = "train/eta_sec"  # when the caller provides it, it is shown as "eta" rather than estimated
+ETA_KEY = "train/eta_sec"  # when the caller provides it, it is shown as the ETA rather than estimated
 LOSS_KEY = "train/loss"
 THROUGHPUT_KEY = "train/samples_per_sec"
+MFU_KEY = "train/mfu"
+MAX_COLUMNS = 120
 
 
 def format_eta(seconds: float | None) -> str:
@@ -47,18 +60,42 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-class Progress:
-    """Prints logged steps and tables to ``stream`` (default: ``sys.stdout`` looked up at each write).
+def _finite(value: Any) -> float | None:
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        return float(value)
+    return None
 
-    ``interactive`` (default ``stream.isatty()``) redraws one progress bar in place.
-    ``total_steps`` is shown as ``step N/total`` and used for the ETA.
+
+def _rate(rate: float) -> str:
+    """``12.3``, ``1,234``, ``1.23e+07``: short at every magnitude."""
+    return f"{rate:.1f}" if rate < 100 else f"{rate:,.0f}" if rate < 1e7 else f"{rate:.2e}"
+
+
+def step_fields(row: Mapping[str, Any], eta: float | None) -> str:
+    """``loss 3.2101 | 1,234 samples/s | MFU 12.3% | ETA 0:02:11``; unknown values show as ``?``."""
+    loss, rate, mfu = (_finite(row.get(k)) for k in (LOSS_KEY, THROUGHPUT_KEY, MFU_KEY))
+    return " | ".join([
+        f"loss {format_value(loss) if loss is not None else '?'}",
+        f"{_rate(rate) if rate is not None else '?'} samples/s",
+        f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else '?'}",
+        f"ETA {format_eta(eta)}",
+    ])
+
+
+class Progress:
+    """Prints start-up phases, logged steps and tables to ``stream`` (default: ``sys.stdout`` at each write).
+
+    ``interactive`` (default ``stream.isatty()``) draws a tqdm bar redrawn in place.
+    ``total_steps`` is shown as ``step N/total`` and used for the ETA. A Progress that is
+    not ``enabled`` (processes other than 0) prints nothing.
     """
 
     def __init__(self, *, total_steps: int | None = None, interactive: bool | None = None,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, enabled: bool = True):
         self.total_steps = total_steps
+        self.enabled = enabled
         self._stream, self._interactive = stream, interactive
-        self._bar_len = 0  # characters of the progress line currently on screen
+        self._bar = None  # the tqdm bar, created at the first step shown on a terminal
         self._t0: tuple[int, float] | None = None  # (first step, time) for the ETA estimate
 
     @property
@@ -72,38 +109,54 @@ class Progress:
         isatty = getattr(self.stream, "isatty", None)
         return bool(isatty and isatty())
 
+    def note(self, message: str) -> None:
+        """Prints one line (above the bar on a terminal)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+            self.stream.flush()
+        else:
+            print(message, file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[None]:
+        """Says ``what...`` now and ``what: done in 12.3s`` when the block ends."""
+        self.note(f"{what}...")
+        start = time.perf_counter()
+        yield
+        self.note(f"{what}: done in {time.perf_counter() - start:.1f}s")
+
     def step(self, step: int, row: Mapping[str, Any], now: float) -> None:
-        """Shows the metrics ``row`` logged at ``step`` (``now``: perf_counter seconds)."""
+        """Shows a training row logged at ``step`` (``now``: perf_counter seconds); other rows are skipped."""
+        if not self.enabled or LOSS_KEY not in row:
+            return
         if self._t0 is None:
             self._t0 = (step, now)
-        eta = self._eta(step, row, now)
+        line = step_fields(row, self._eta(step, row, now))
         if self.interactive:
-            self._draw_bar(step, row, eta)
-            return
-        parts = [f"step {self._step_str(step)}"]
-        parts += [f"{k} {format_value(v)}" for k, v in row.items() if k not in ("step", ETA_KEY)]
-        if eta is not None or self.total_steps is not None:
-            parts.append(f"eta {format_eta(eta)}")
-        print(" | ".join(parts), file=self.stream, flush=True)
+            self._draw_bar(step, line)
+        else:
+            print(f"step {self._step_str(step)} | {line}"[:MAX_COLUMNS], file=self.stream, flush=True)
 
     def table(self, title: str, values: Mapping[str, Any], step: int | None = None) -> None:
         """Prints ``values`` as an aligned two-column table under ``== title (step N) ==``."""
-        self.end_bar()
+        if not self.enabled:
+            return
         width = max([len(str(k)) for k in values] + [len("metric")])
         lines = [f"== {title}" + (f" (step {step})" if step is not None else "") + " =="]
         lines += [f"  {str(k):<{width}}  {format_value(v)}" for k, v in values.items()]
-        print("\n".join(lines), file=self.stream, flush=True)
+        self.note("\n".join(lines))
 
     def end_bar(self) -> None:
-        """Moves past the in-place progress line so that later output starts on a fresh line."""
-        if self._bar_len:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._bar_len = 0
+        """Closes the bar (leaving its last state on screen) so that later output starts on a fresh line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _eta(self, step: int, row: Mapping[str, Any], now: float) -> float | None:
         if ETA_KEY in row:
-            return row[ETA_KEY]
+            return _finite(row[ETA_KEY])
         if self.total_steps is None or self._t0 is None:
             return None
         s0, t0 = self._t0
@@ -114,23 +167,14 @@ class Progress:
     def _step_str(self, step: int) -> str:
         return f"{step}/{self.total_steps}" if self.total_steps is not None else str(step)
 
-    def _draw_bar(self, step: int, row: Mapping[str, Any], eta: float | None) -> None:
-        parts = []
-        if self.total_steps:
-            frac = min(max(step / self.total_steps, 0.0), 1.0)
-            filled = int(round(20 * frac))
-            parts.append(f"[{'#' * filled}{'.' * (20 - filled)}] {self._step_str(step)}")
-        else:
-            parts.append(f"step {step}")
-        loss = row.get(LOSS_KEY, next((v for k, v in row.items() if k.endswith("loss")), None))
-        parts.append(f"loss {format_value(loss)}")
-        if THROUGHPUT_KEY in row:
-            parts.append(f"{format_value(row[THROUGHPUT_KEY])} samples/s")
-        parts.append(f"eta {format_eta(eta)}")
-        text = " | ".join(parts)
-        cols = shutil.get_terminal_size((120, 24)).columns
-        text = text[: max(cols - 1, 20)]
-        pad = max(self._bar_len - len(text), 0)
-        self.stream.write("\r" + text + " " * pad)
-        self.stream.flush()
-        self._bar_len = len(text)
+    def _draw_bar(self, step: int, fields: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            cols = min(shutil.get_terminal_size((MAX_COLUMNS, 24)).columns, MAX_COLUMNS)
+            self._bar = tqdm(total=self.total_steps, initial=step, file=self.stream, ncols=cols, mininterval=0,
+                             delay=0, leave=True, dynamic_ncols=False)
+        # Braces in the format are tqdm's fields; ours carry none.
+        self._bar.bar_format = "step {n_fmt}/{total_fmt} |{bar}| " + fields
+        self._bar.n = step
+        self._bar.refresh()

@@ -1,8 +1,9 @@
-"""The only module that knows mesh axis names.
+"""Mesh axes and the one table that maps logical axes onto them.
 
 Model code annotates parameters and activations with *logical* axis names
-("embed", "mlp", "heads", "act_batch", ...). This module owns the mesh, the one
-table that maps logical axes to mesh axes, and the derived shardings for
+("embed", "mlp", "heads", "act_batch", ...) and never names a mesh axis. This
+module owns the mesh (its sizes come from ``config.mesh``, whose fields are the
+mesh axis names), the logical-to-mesh rule table, and the derived shardings for
 parameters and batches.
 
 Mesh axes:

@@ -64,27 +64,35 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     """
     setup, checkpointer = run.prepare(config, workdir, devices)
     mesh, is_main = setup.mesh, jax.process_index() == 0
-    data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
+    progress = writer.progress  # start-up says what it is doing: the minute before step 1 is not silent
+    with progress.phase("opening the training data"):
+        data_iter = (data_iterator_fn or _default_data_iterator)(config, mesh)
 
-    resumed = checkpointer.restore_newest_intact(lambda step: run.restore(checkpointer, setup, step, data_iter))
+    resumed = None
+    if checkpointer.latest_step() is not None:
+        with progress.phase(f"restoring the newest intact checkpoint in {ckpt_lib.checkpoint_dir(workdir)}"):
+            resumed = checkpointer.restore_newest_intact(
+                lambda step: run.restore(checkpointer, setup, step, data_iter))
     if resumed is not None:
         state = resumed[1]
         log.info("resumed from step %d in %s", resumed[0], workdir)
     else:
         params = None
-        if config.checkpoint.init_from:
-            params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
-                                          init_logit_bias=config.model.init_logit_bias)
-            log.info("initialised params from %s", config.checkpoint.init_from)
-        state = init_state(setup, config.seed, params)
+        with progress.phase("initialising the parameters" + (
+                f" from {config.checkpoint.init_from}" if config.checkpoint.init_from else "")):
+            if config.checkpoint.init_from:
+                params = ckpt_lib.load_params(config.checkpoint.init_from, setup.abstract_state.params,
+                                              init_logit_bias=config.model.init_logit_bias)
+            state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
 
-    compiled = compile_train_step(setup)
+    with progress.phase("compiling the train step"):
+        compiled = compile_train_step(setup)
     # MFU counts the model's FLOPs (analytic, no recomputation); HFU what the compiled step executes.
     model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / setup.mesh.size
     flops = hlo_flops.compiled_flops(compiled)
     peak, peak_source = mfu_lib.peak_flops_per_device(setup.mesh.devices.flat[0], config.model.dtype)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps)
     writer.truncate_after(start)
     if is_main:
         log.info("mesh %s; %d params; step FLOPs/device: model %.4g, compiled %s; peak %.3g FLOP/s (%s)",
@@ -194,12 +202,11 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
     finally:
         stop.close()  # the caller's handlers come back whether the loop ends, stops or raises
     checkpointer.close()
-    if is_main:
-        log.info("finished %d steps in %.1fs", total - start, time.perf_counter() - run_start)
+    progress.end_bar()
+    progress.note(f"finished {total - start} steps in {time.perf_counter() - run_start:.1f}s")
     if is_main and config.train.report:
         from clipjax import report
 
-        path = report.write_report(workdir)
-        log.info("report: %s", path)
+        progress.note(f"report: {report.write_report(workdir)}")
     writer.close()
     return state

@@ -36,8 +36,8 @@ def test_data_suite_times_each_case(capsys):
 def test_compile_suite_plans_each_mesh(capsys, tmp_path):
     rows = _rows(capsys, ["compile", f"--config={DEMO}:smoke,data={tmp_path}", "--mesh=data=8",
                           "--mesh=data=2,fsdp=4", "--peak=1e12", "--json"])
-    assert [r["mesh"] for r in rows] == ["data8xfsdp1xtensor1", "data2xfsdp4xtensor1"]
+    assert [r["mesh"] for r in rows] == ["data 8", "data 2 x fsdp 4"]
     for r in rows:
-        assert r["batch"] == 32 and 0 < r["args_GiB"] <= r["peak_GiB"] and r["TFLOP/step/dev"] > 0
+        assert r["batch"] == 32 and 0 < r["args_GiB"] <= r["peak_GiB"] and r["model_TFLOP"] > 0 and r["fits"]
     # fsdp shards the parameters and their Adam moments: fewer argument bytes per device.
     assert rows[1]["args_GiB"] < rows[0]["args_GiB"]

@@ -44,7 +44,7 @@ def test_closest_names_by_spelling_and_initials():
     (["--config.train.steps=1.5"], ["--config.train.steps=1.5", "type int"]),
     (["--config.mesh.data=3"], ["XLA_FLAGS=--xla_force_host_platform_device_count=6"]),
     (["--config.evals.synthetic_zeroshot.classnames=/nonexistent/classes.txt"],
-     ["classnames='/nonexistent/classes.txt'", "no such file"]),
+     ["classnames='/nonexistent/classes.txt'", "an existing file"]),
     (["--config.model.size=B/61"], ["model.size='B/61' is not one of", "did you mean B/16"]),
     (["--config.loss.impl=rings"], ["loss.impl='rings'", "did you mean ring?"]),
     (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], ["at most one axis may be -1"]),

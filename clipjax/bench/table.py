@@ -31,8 +31,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def emit(rows: Sequence[dict[str, Any]], as_json: bool = False, out=sys.stdout) -> None:
-    """Prints rows as a table (columns = union of keys, in first-seen order) or JSON."""
+def emit(rows: Sequence[dict[str, Any]], as_json: bool = False, out=None) -> None:
+    """Prints rows as a table (columns = union of keys, in first-seen order) or JSON to ``out``
+    (default: ``sys.stdout`` as it is now, not as it was at import)."""
+    out = out if out is not None else sys.stdout
     if as_json:
         json.dump({"environment": environment(), "rows": list(rows)}, out, indent=1)
         out.write("\n")

@@ -42,7 +42,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def _single_device_mesh() -> Mesh:
-    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    return sharding.make_mesh({a: 1 for a in sharding.MESH_AXES}, devices=jax.devices()[:1])
 
 
 def _tile_cols(n_local: int, num_captions: int, shards: int, chunk_size: int) -> int:

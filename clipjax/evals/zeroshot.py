@@ -18,18 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax.models import l2_normalise
+
 DEFAULT_KS = (1, 5)
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def ensemble_prompts(ztxt_CTE: jax.Array) -> jax.Array:
     """``[C, T, E]`` text embeddings (class x template) -> ``[C, E]`` normalised class embeddings."""
-    return _normalize(jnp.mean(_normalize(ztxt_CTE), axis=1))
+    return l2_normalise(jnp.mean(l2_normalise(ztxt_CTE.astype(jnp.float32)), axis=1))
 
 
 def zeroshot_ranks(zimg_NE: jax.Array, zcls_CE: jax.Array, labels_N: jax.Array) -> jax.Array:

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax.models.clip import CLIP, l2_normalize
+from clipjax.models.clip import CLIP, l2_normalise
 from clipjax.models.sizes import SIZES, get_size
 from clipjax.models.towers import ImageTower, TextTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-__all__ = ["CLIP", "ImageTower", "TextTower", "SIZES", "get_size", "build_model", "count_params", "l2_normalize",
+__all__ = ["CLIP", "ImageTower", "TextTower", "SIZES", "get_size", "build_model", "count_params", "l2_normalise",
            "dummy_inputs"]
 
 

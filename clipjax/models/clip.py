@@ -13,7 +13,7 @@ from clipjax.models.layers import param_with_axes
 from clipjax.models.towers import ImageTower, TextTower
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """x / ||x||, with the norm computed in fp32."""
     x32 = x.astype(jnp.float32)
     return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=-1, keepdims=True), eps * eps))).astype(x.dtype)
@@ -39,10 +39,10 @@ class CLIP(nn.Module):
             self.logit_bias = param_with_axes(self, "logit_bias", nn.initializers.constant(self.init_logit_bias), (), ())
 
     def encode_image(self, images_BHWC: jax.Array) -> jax.Array:
-        return l2_normalize(self.image(images_BHWC))
+        return l2_normalise(self.image(images_BHWC))
 
     def encode_text(self, ids_BT: jax.Array) -> jax.Array:
-        return l2_normalize(self.text(ids_BT))
+        return l2_normalise(self.text(ids_BT))
 
     def scale_and_bias(self) -> tuple[jax.Array, Any]:
         bias = self.logit_bias if self.init_logit_bias is not None else None

@@ -45,23 +45,12 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm computed in fp32 whatever the compute dtype (bf16 statistics drift)."""
-
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), ("norm",))
-        bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), ("norm",))
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.reshape((1,) * (x.ndim - 1) + (d,)) + bias.reshape(
-            (1,) * (x.ndim - 1) + (d,))
-        return y.astype(self.dtype)
+# flax's LayerNorm already takes its statistics in fp32 for bf16 inputs; the two-pass
+# variance (not E[x^2] - E[x]^2) stays exact for large means. Params "scale"/"bias" on "norm".
+LayerNorm = functools.partial(
+    nn.LayerNorm, use_fast_variance=False,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
 class MultiHeadAttention(nn.Module):

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 from etils import epath
 
+from clipjax.atomic import write_text
 from clipjax.data.convert.options import ConvertError
 
 CLASSES_FILE = "classes.txt"
@@ -72,11 +73,7 @@ class ClassNames:
     def write(self) -> None:
         if not self.names:
             return
-        p = epath.Path(self.path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = epath.Path(self.path + ".tmp")
-        tmp.write_text("".join(n + "\n" for n in self.names), encoding="utf-8")
-        tmp.replace(p)
+        write_text(self.path, "".join(n + "\n" for n in self.names))
 
 
 def label_values(values: Sequence[str], classes: ClassNames, what: str) -> list[int]:
