@@ -149,8 +149,9 @@ def test_remat_and_scan_do_not_change_outputs(remat):
     la, ga = jax.value_and_grad(lambda p: loss(model_a, p))(params)
     lb, gb = jax.value_and_grad(lambda p: loss(model_b, p))(params)
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), nn.unbox(ga),
-                 nn.unbox(gb))
+    # Recomputation reorders float32 sums: a few ulps, far below what a wrong recomputation moves.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
+                 nn.unbox(ga), nn.unbox(gb))
     assert ref.shape == out.shape
 
 
