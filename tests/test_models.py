@@ -22,12 +22,7 @@ def model_cfg(size="tiny", **overrides):
         m.init_logit_scale = math.log(1 / 0.07)
         m.text.vocab_size = 49408
         m.dtype = "float32"
-        for key, value in overrides.items():
-            node = m
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
+        m.update_from_flattened_dict(overrides)
     return m
 
 
