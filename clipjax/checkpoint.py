@@ -192,7 +192,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation, enable_async_checkpointing=bool(async_save), create=True)
         self.manager = _Manager(checkpoint_dir(workdir), options=options)
-        self._saving: int | None = None  # step of the save in flight, for error messages
+        self._saving: int | None = None  # step of the save not yet seen finished, for error messages
         logging.getLogger("absl").addFilter(_QUIET_ORBAX)  # adding the same filter twice is a no-op
 
     def latest_step(self) -> int | None:
@@ -233,12 +233,19 @@ class Checkpointer:
         return step
 
     def check(self) -> None:
-        """Raises CheckpointSaveError if the last asynchronous save has failed (cheap: no waiting)."""
+        """Raises CheckpointSaveError if the last asynchronous save has failed (cheap: no waiting).
+
+        Called every step: once a save is known to have finished, it returns without asking orbax.
+        """
+        if self._saving is None:
+            return
         try:
-            if not self.manager.is_saving_in_progress():
-                self.manager.wait_until_finished()  # returns at once, or re-raises the finished save's error
+            if self.manager.is_saving_in_progress():
+                return
+            self.manager.wait_until_finished()  # returns at once, or re-raises the finished save's error
         except Exception as e:  # noqa: BLE001 - any storage error; re-raised as one clear line
             raise self._save_error(e) from e
+        self._saving = None
 
     def _save_error(self, error: BaseException) -> CheckpointSaveError:
         where = self.manager.directory / str(self._saving) if self._saving is not None else self.manager.directory

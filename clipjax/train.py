@@ -56,6 +56,11 @@ def _switch_data(old, new):
     return new
 
 
+# What the per-step health checks read (non-finite streak, loss spike); a step that is not
+# logged fetches only these, so the other metrics never leave the device.
+_HEALTH_KEYS = ("train/finite", "train/consecutive_skips", "train/loss")
+
+
 def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -146,8 +151,8 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
 
     def handle(step: int, metrics: dict, force_log: bool = False) -> None:
         nonlocal window_start, window_steps, skipping
-        _, model_flops, flops = compiled_for(stages.phase_at(config, step - 1))
-        host = _to_host(metrics)
+        logged = force_log or step % config.train.log_every == 0
+        host = _to_host(metrics if logged else {k: metrics[k] for k in _HEALTH_KEYS})
         if not host["train/finite"] and not skipping:
             pinned = checkpointer.pin_newest()  # retention must not delete the last good state
             if pinned is not None:
@@ -174,8 +179,9 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
                     f"{step - 1}; stopped without saving; restart from {newest_saved(before=step - 1)}, "
                     f"e.g. with a lower optim.lr")
             recent_losses.append(loss)
-        if step % config.train.log_every and not force_log:
+        if not logged:
             return
+        _, model_flops, flops = compiled_for(stages.phase_at(config, step - 1))
         now = time.perf_counter()
         dt = (now - window_start) / max(window_steps, 1)
         window_start, window_steps = now, 0

@@ -64,7 +64,8 @@ def test_checkpoint_restores_on_another_mesh_and_continues_identically(data_dir,
     assert int(state.step) == 6
 
 
-def test_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(data_dir, tmp_path):
+def test_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    from clipjax import train as train_lib
     from clipjax.train import _default_data_iterator
 
     class Poisoned:
@@ -83,10 +84,15 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(data_dir, tmp
         def __getattr__(self, name):  # num_skipped, save_args, restore_args ...
             return getattr(self.inner, name)
 
+    fetched = []
+    monkeypatch.setattr(train_lib, "_to_host", lambda m, real=train_lib._to_host: fetched.append(sorted(m)) or real(m))
+    # Steps 5, 6, 7 are non-finite; 6 and 7 are not logged, and the run still stops at 7.
     c = smoke(data_dir, "--config.train.steps=20", "--config.checkpoint.every=4",
-              "--config.train.max_consecutive_skips=3")
-    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
+              "--config.train.max_consecutive_skips=3", "--config.train.log_every=5")
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps up to step 7 "):
         train(c, str(tmp_path), data_iterator_fn=Poisoned)
+    # Steps that are not logged bring only the health checks' numbers to the host.
+    assert [keys == sorted(train_lib._HEALTH_KEYS) for keys in fetched] == [True] * 4 + [False, True, True]
     ck = ckpt_lib.Checkpointer(str(tmp_path), every=4, keep=2)
     assert ck.latest_step() in (4, 8)
     rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
