@@ -75,7 +75,6 @@ class MetricWriter:
         self._tb = None
         self._purge_step: int | None = None
         self._closed = False
-        self.last_step: int | None = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
 
@@ -157,7 +156,6 @@ class MetricWriter:
             # Non-finite values are left out (tensorboardX prints a warning for each one).
             if key != "step" and value is not None and not isinstance(value, str):
                 tb.add_scalar(key, float(value), step)
-        self.last_step = step
         self.progress.step(step, row, time.perf_counter())
 
     def flush(self) -> None:
