@@ -252,12 +252,14 @@ class Checkpointer:
             return None
         return json.dumps(restored["config"])
 
+    def _check_saved_config(self, step: int) -> None:
+        saved = None if self.config_json is None else self.saved_config(step)
+        if saved is not None:
+            check_compatible(saved, self.config_json)
+
     def restore(self, step: int, abstract_state: Any, data_args: Any = None) -> tuple[Any, Any]:
         """Restores ``state`` (onto ``abstract_state``'s shardings) and the data iterator."""
-        if self.config_json is not None:
-            saved = self.saved_config(step)
-            if saved is not None:
-                check_compatible(saved, self.config_json)
+        self._check_saved_config(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_args is not None:
             items["data"] = data_args
@@ -324,10 +326,7 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params of ``step`` (evaluation, export), onto ``abstract_params``'s shardings."""
-        if self.config_json is not None:
-            saved = self.saved_config(step)
-            if saved is not None:
-                check_compatible(saved, self.config_json)
+        self._check_saved_config(step)
         return load_params(os.path.join(str(self.manager.directory), str(step)), abstract_params)
 
     def data_states(self, step: int) -> list[dict[str, Any]]:

@@ -84,10 +84,15 @@ def run_cli(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[s
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are ``UserError``s: one line, the closest valid flags, ``PROG --help``.
 
-    It also accepts ``--verbosity`` (read by ``run_cli``: show tracebacks).
+    It also accepts ``--verbosity`` (read by ``run_cli``: show tracebacks). ``doc``, the command's
+    module docstring, gives ``--help`` its first paragraph as the description and the rest as written.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, doc: str | None = None, **kwargs):
+        if doc is not None:
+            description, _, epilog = doc.strip().partition("\n\n")
+            kwargs.update(description=description, epilog=epilog or None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--verbosity", "-v", nargs="?", const="1", default=None, help="show the traceback of an error")
 

@@ -25,12 +25,7 @@ def tiny_config(batch=16, **overrides):
     c.train.steps = 10
     c.optim.warmup_steps = 1
     c.optim.lr = 1e-2
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -24,7 +24,7 @@ from clipjax.errors import ArgumentParser, UserError
 
 
 def _parse(argv):
-    p = ArgumentParser(prog="clipjax-bench compile", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench compile", doc=__doc__)
     p.add_argument("--config", required=True, help="config path[:arg], as for clipjax-train; "
                    "--config.a.b=VALUE overrides follow as for clipjax-train")
     p.add_argument("--target", default=None,

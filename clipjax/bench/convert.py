@@ -25,13 +25,12 @@ import time
 
 import numpy as np
 
+from clipjax.bench.data import add_source_flags, photo_like_jpeg
 from clipjax.errors import ArgumentParser
 
 
 def write_tars(folder: str, num_images: int, num_tars: int, width: int, height: int, quality: int) -> float:
     """img2dataset-style tars (``KEY.jpg`` + ``KEY.txt``); returns the mean JPEG size in KiB."""
-    from clipjax.bench.data import photo_like_jpeg
-
     rng = np.random.default_rng(0)
     sizes = []
     for t in range(num_tars):
@@ -63,12 +62,9 @@ def time_convert(tars: str, out: str, max_side: int | None, runner: str | None, 
 
 
 def main(argv: list[str]) -> int:
-    p = ArgumentParser(prog="clipjax-bench convert", description=__doc__.splitlines()[0])
-    p.add_argument("--num_images", type=int, default=4000)
+    p = ArgumentParser(prog="clipjax-bench convert", doc=__doc__)
+    add_source_flags(p, num_images=4000)
     p.add_argument("--num_tars", type=int, default=16)
-    p.add_argument("--width", type=int, default=500, help="source JPEG size (a third are portrait)")
-    p.add_argument("--height", type=int, default=375)
-    p.add_argument("--quality", type=int, default=90)
     p.add_argument("--max_side", type=int, default=None, help="re-encode larger images (default: decode-check only)")
     p.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repeats; each row reports its best")

@@ -44,6 +44,14 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: 
     return buf.getvalue()
 
 
+def add_source_flags(p: ArgumentParser, num_images: int) -> None:
+    """The flags describing the source JPEGs (``photo_like_jpeg``) a suite writes."""
+    p.add_argument("--num_images", type=int, default=num_images)
+    p.add_argument("--width", type=int, default=500, help="source JPEG size (a third are portrait)")
+    p.add_argument("--height", type=int, default=375)
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the source images")
+
+
 def write_shards(folder: str, num_images: int, width: int = 500, height: int = 375, seed: int = 0,
                  quality: int = 90) -> list[bytes]:
     rng = np.random.default_rng(seed)
@@ -94,12 +102,9 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
 
 
 def main(argv: list[str]) -> int:
-    p = ArgumentParser(prog="clipjax-bench data", description=__doc__.splitlines()[0])
-    p.add_argument("--num_images", type=int, default=300)
+    p = ArgumentParser(prog="clipjax-bench data", doc=__doc__)
+    add_source_flags(p, num_images=300)
     p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--width", type=int, default=500, help="source JPEG size (a third are portrait)")
-    p.add_argument("--height", type=int, default=375)
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the source images")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the multi-worker row")
     p.add_argument("--passes", type=int, default=2, help="epochs timed per measurement")

@@ -23,7 +23,7 @@ def _csv(kind):
 
 
 def _parse(argv):
-    p = ArgumentParser(prog="clipjax-bench loss", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench loss", doc=__doc__)
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (the batch axis)")
     p.add_argument("--batch", type=_csv(int), default=[8192, 32768], help="global batch sizes, comma-separated")
     p.add_argument("--dim", type=int, default=512, help="embedding width D")

@@ -11,13 +11,14 @@ median step time and the speedup over ratio 0 (median of per-round ratios).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
+from clipjax.errors import ArgumentParser
+
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="clipjax-bench masking", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench masking", doc=__doc__)
     p.add_argument("--config", default="configs/clip.py:model=B/16", help="config path[:arg], as for clipjax-train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override without the --config. prefix (repeatable), e.g. model.dtype=float32")

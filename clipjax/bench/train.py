@@ -30,7 +30,6 @@ ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import time
 from typing import Any
 
 from clipjax import host_env
+from clipjax.errors import ArgumentParser
 
 
 def _csv(s: str) -> list[str]:
@@ -49,7 +49,7 @@ def _csv(s: str) -> list[str]:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="clipjax-bench train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="clipjax-bench train", doc=__doc__)
     p.add_argument("--config", default="configs/clip.py", help="config path[:arg], as for clipjax-train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override without the --config. prefix (repeatable), e.g. loss.impl=ring")

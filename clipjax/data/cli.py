@@ -50,9 +50,7 @@ def _classes(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="clipjax-data", description=__doc__.splitlines()[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="\n".join(__doc__.splitlines()[2:]))
+    p = ArgumentParser(prog="clipjax-data", doc=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert csv / coco / folder / webdataset sources into ArrayRecord shards")
     kinds = conv.add_subparsers(dest="source", required=True)

@@ -11,7 +11,6 @@ open_clip_config.json, so open_clip.create_model("local-dir:FOLDER") loads any e
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -141,10 +140,8 @@ def to_openclip(workdir: str, step: int | None, out: str) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="clipjax-convert", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="clipjax-convert", doc=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("from-openclip", help="OpenCLIP/OpenAI weights file -> clipjax checkpoint")
     f.add_argument("--checkpoint", required=True, help=".safetensors, or .bin/.pt/OpenAI TorchScript with torch")
