@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from clipjax import host_env
 from clipjax.errors import UserError, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard, reports.")
@@ -224,6 +225,8 @@ def _eval(cmd: CommandLine) -> None:
 
 
 def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | None) -> None:
+    if argv is None:  # the command line, not a caller in this process
+        host_env.use_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.exit(run_cli(prog, lambda a: app.run(body, argv=[prog, *a], flags_parser=_flags_parser(prog)), argv))
 

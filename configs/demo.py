@@ -26,7 +26,7 @@ def get_config(arg=None):
     m.image.update(image_size=32, patch_size=4, width=64, depth=2, heads=2, mlp_dim=256, pool="gap")
     m.text.update(width=64, depth=2, heads=2, mlp_dim=256, context_length=32, pool="last")
     m.embed_dim = 64
-    m.scan = True
+    m.scan = False  # two blocks: unrolled runs ~10% faster on CPU than a scan's stacking
 
     c.loss.kind = "softmax"
     c.loss.impl = "chunked"

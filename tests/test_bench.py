@@ -41,3 +41,14 @@ def test_compile_suite_plans_each_mesh(capsys, tmp_path):
         assert r["batch"] == 32 and 0 < r["args_GiB"] <= r["peak_GiB"] and r["model_TFLOP"] > 0 and r["fits"]
     # fsdp shards the parameters and their Adam moments: fewer argument bytes per device.
     assert rows[1]["args_GiB"] < rows[0]["args_GiB"]
+
+
+def test_train_suite_times_the_real_step_on_the_configs_devices(capsys, tmp_path):
+    rows = _rows(capsys, ["train", f"--config={DEMO}:smoke,data={tmp_path / 'data'}", "--batch=16",
+                          "--data=excluded,included", "--steps=1", "--rounds=1", "--warmup=0", "--json"])
+    assert [r["data"] for r in rows] == ["excluded", "included"]
+    for r in rows:
+        # The demo's mesh names 8 devices; the benchmark runs the step there, data parallel.
+        assert r["devices"] == 8 and r["batch"] == 16
+        assert r["step_s"] > 0 and r["samples_per_s"] == 16 / r["step_s"]
+        assert 0 < r["mfu"] <= r["hfu"] and r["GFLOP_model/dev"] > 0 and r["peak_GiB"] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from clipjax import host_env
 from clipjax.errors import UserError, did_you_mean, run_cli
 
 SUITES = {
@@ -27,6 +28,8 @@ USAGE = "usage: clipjax-bench {" + ",".join(SUITES) + "} [flags]  (SUITE --help 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (2 with one line on stderr for a user error)."""
+    if argv is None:  # the command line, not a caller in this process
+        host_env.use_huge_pages()
     return run_cli("clipjax-bench", _main, argv)
 
 

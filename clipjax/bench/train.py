@@ -31,6 +31,7 @@ ratios.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ import tempfile
 import time
 from typing import Any
 
+from clipjax import host_env
 from clipjax.errors import ArgumentParser
 
 
@@ -56,7 +58,8 @@ def _parse(argv):
     p.add_argument("--dtype", type=_csv, default=[None], help="model.dtype values; default: the config's")
     p.add_argument("--remat", type=_csv, default=[None], help="model.remat policies; default: the config's")
     p.add_argument("--devices", type=int, default=0,
-                   help="devices in the mesh (CPU: simulated devices); 0: all accelerators, or 1 CPU device")
+                   help="devices in the mesh (CPU: simulated devices); 0: all accelerators, or on CPU the "
+                        "devices the config's mesh names (1 if it has a -1 axis)")
     p.add_argument("--data", type=_csv, default=["excluded", "included"], help="rows: excluded, included")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (interleaved with OpenCLIP's under --vs)")
@@ -142,7 +145,8 @@ class OpenClipWorker:
     """The OpenCLIP step in a child process; ``run(n)`` returns the seconds n steps took."""
 
     def __init__(self, spec: dict[str, Any], cores: set[int] | None):
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+        # OpenCLIP runs in the environment the user gave, without the tunable clipjax's launcher adds.
+        env = dict(host_env.without_added_tunables(dict(os.environ)), OMP_NUM_THREADS=str(spec["threads"]))
         self.proc = subprocess.Popen([sys.executable, "-m", "clipjax.bench.openclip_step", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
@@ -244,8 +248,8 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
             def run_round(n=args.steps):
                 t = time.perf_counter()
                 for _ in range(n):
-                    box[0], metrics = compiled(box[0], next_batch())
-                jax.block_until_ready((box[0], metrics))
+                    box[0], _ = compiled(box[0], next_batch())
+                jax.block_until_ready(box[0])
                 return time.perf_counter() - t
 
             run_round(args.warmup)
@@ -272,25 +276,33 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
     return rows
 
 
+def config_device_count(args) -> int:
+    """Devices the config's mesh names when every axis is fixed (the demo: 8), else 1."""
+    from clipjax import config as config_lib
+
+    mesh = config_lib.load_config(args.config, [f"--config.{s}" for s in args.set]).mesh
+    sizes = [int(mesh[a]) * int(mesh[f"dcn_{a}"]) for a in ("data", "fsdp", "tensor")]
+    return 1 if any(s < 1 for s in sizes) else math.prod(sizes)
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     cores = set(os.sched_getaffinity(0))
     if args.threads:
         cores = set(sorted(cores)[:args.threads])
     os.sched_setaffinity(0, cores)  # before jax starts its thread pools
-    if args.devices:
-        if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-            from clipjax.bench import simulated_cpu_devices
+    # On CPU the step runs on the devices its config was written for (simulated ones, as
+    # `make demo` runs): many small ops keep both cores busier split over devices.
+    wanted = args.devices or config_device_count(args)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={wanted}"
+    import jax
 
-            devices = simulated_cpu_devices(args.devices)
-        else:
-            import jax
-
-            devices = jax.devices()[:args.devices]
+    if jax.default_backend() == "cpu":
+        if jax.device_count() < wanted:
+            raise SystemExit(f"only {jax.device_count()} of {wanted} CPU devices: XLA_FLAGS already names a count")
+        devices = jax.devices()[:wanted]
     else:
-        import jax
-
-        devices = jax.devices() if jax.default_backend() != "cpu" else jax.devices()[:1]
+        devices = jax.devices()[:args.devices] if args.devices else jax.devices()
     from clipjax.bench.table import emit
 
     rows = []
