@@ -233,19 +233,9 @@ class Checkpointer:
         return step
 
     def check(self) -> None:
-        """Raises CheckpointSaveError if the last asynchronous save has failed (cheap: no waiting).
-
-        Called every step: once a save is known to have finished, it returns without asking orbax.
-        """
-        if self._saving is None:
-            return
-        try:
-            if self.manager.is_saving_in_progress():
-                return
-            self.manager.wait_until_finished()  # returns at once, or re-raises the finished save's error
-        except Exception as e:  # noqa: BLE001 - any storage error; re-raised as one clear line
-            raise self._save_error(e) from e
-        self._saving = None
+        """Raises CheckpointSaveError if the last save has failed (cheap: asks orbax only until it finished)."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()  # returns at once, or raises the finished save's error
 
     def _save_error(self, error: BaseException) -> CheckpointSaveError:
         where = self.manager.directory / str(self._saving) if self._saving is not None else self.manager.directory
@@ -260,8 +250,7 @@ class Checkpointer:
         return json.dumps(restored["config"])
 
     def _check_saved_config(self, step: int) -> None:
-        saved = None if self.config_json is None else self.saved_config(step)
-        if saved is not None:
+        if self.config_json is not None and (saved := self.saved_config(step)) is not None:
             check_compatible(saved, self.config_json)
 
     def restore(self, step: int, abstract_state: Any, data_args: Any = None) -> tuple[Any, Any]:
@@ -355,6 +344,7 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - any storage error; re-raised as one clear line
             raise self._save_error(e) from e
+        self._saving = None
 
     def close(self) -> None:
         self.wait()

@@ -84,8 +84,7 @@ def run_cli(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[s
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are ``UserError``s: one line, the closest valid flags, ``PROG --help``.
 
-    It also accepts ``--verbosity`` (read by ``run_cli``: show tracebacks). ``doc``, the command's
-    module docstring, gives ``--help`` its first paragraph as the description and the rest as written.
+    Also accepts ``--verbosity`` (``run_cli``: tracebacks). ``doc=__doc__``: the module docstring is the --help text.
     """
 
     def __init__(self, *args, doc: str | None = None, **kwargs):

@@ -56,8 +56,7 @@ def _switch_data(old, new):
     return new
 
 
-# What the per-step health checks read (non-finite streak, loss spike); a step that is not
-# logged fetches only these, so the other metrics never leave the device.
+# The health checks' numbers, fetched every step; the other metrics only on logged steps.
 _HEALTH_KEYS = ("train/finite", "train/consecutive_skips", "train/loss")
 
 

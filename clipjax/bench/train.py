@@ -154,7 +154,6 @@ class OpenClipWorker:
         if not line or line[0] != "ready":
             self.close()
             raise RuntimeError("the OpenCLIP worker did not start (is open-clip-torch importable?)")
-        self.num_params = int(line[1])
 
     def run(self, steps: int) -> float:
         self.proc.stdin.write(f"run {steps}\n")
