@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from clipjax.models.masking import num_kept
+
 log = logging.getLogger("clipjax")
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, keyed by a substring of
@@ -189,10 +191,13 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
 
 
 def vit_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_dim: int, embed_dim: int,
-              class_token: bool = True, channels: int = 3, pool: str = "tok") -> float:
-    """Forward matmul FLOPs of the image tower for one image (patchify, blocks, pooling, projection)."""
+              class_token: bool = True, channels: int = 3, pool: str = "tok", mask_ratio: float = 0.0) -> float:
+    """Forward matmul FLOPs of the image tower for one image (patchify, blocks, pooling, projection).
+
+    With FLIP's ``mask_ratio`` every patch is embedded and the blocks see the kept ones.
+    """
     patches = (image_size // patch_size) ** 2
-    tokens = patches + int(class_token)
+    tokens = num_kept(patches, mask_ratio) + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
     head = map_head_flops(tokens, width, mlp_dim) if pool == "map" else 0.0
     return embed + transformer_forward_flops(tokens, width, depth, mlp_dim) + head + 2 * width * embed_dim
@@ -211,7 +216,7 @@ def clip_train_flops(model_cfg: Any, batch: int) -> float:
     MLPs, pooling head and output projections; plus the ``batch x batch``
     similarity matrix of the loss: ``2*B*B*E`` forward, ``6*B*B*E`` with its
     gradients. Elementwise work (norms, activations, softmax, the optimizer) is
-    not counted. ``model_cfg`` is a resolved ``config.model`` (or a dict with the
+    not counted; FLIP's masked patches are not counted. ``model_cfg`` is a resolved ``config.model`` (or a dict with the
     same keys). Rematerialisation is not counted (model FLOPs, not hardware), so
     the figure does not depend on ``model.remat``. Divide by the device count for
     the per-device figure.
@@ -220,7 +225,7 @@ def clip_train_flops(model_cfg: Any, batch: int) -> float:
     e = _get(model_cfg, "embed_dim")
     f_img = vit_flops(_get(img, "image_size", 224), _get(img, "patch_size"), _get(img, "width"),
                       _get(img, "depth"), _get(img, "mlp_dim"), e, bool(_get(img, "class_token", True)),
-                      pool=_get(img, "pool", "tok"))
+                      pool=_get(img, "pool", "tok"), mask_ratio=float(_get(img, "mask_ratio", 0.0)))
     f_txt = text_flops(_get(txt, "context_length", 77), _get(txt, "width"), _get(txt, "depth"),
                        _get(txt, "mlp_dim"), e)
     return 3.0 * batch * (f_img + f_txt) + 6.0 * batch * batch * e

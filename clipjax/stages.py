@@ -75,14 +75,15 @@ def phase_at(config: Any, step: int) -> Phase:
 
 
 def data_config(config: Any, phase: Phase) -> Any:
-    """A copy of a validated ``config`` with the phase's sizes (and crop buffer): what the input
-    pipeline builds from and the batch the phase's step takes."""
+    """A copy of a validated ``config`` with the phase's sizes, mask ratio and crop buffer: what the
+    input pipeline builds from, the batch the phase's step takes and the FLOPs it does."""
     from clipjax.data.transforms import ImageOptions
 
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.model.image.image_size = phase.image_size
         c.model.text.context_length = phase.context_length
+        c.model.image.mask_ratio = phase.mask_ratio
         c.data.buffer_size = ImageOptions.from_config(c.data, phase.image_size).buffer_size
     return c
 
