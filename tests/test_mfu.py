@@ -43,31 +43,32 @@ def test_b32_model_flops_equal_a_hand_count():
     assert mfu_lib.clip_train_flops(c.model, batch) == expected
 
 
-def test_map_pooling_adds_its_head():
+def _b32_flops_before_and_after(field: str, value) -> tuple[float, float]:
+    """Model FLOPs of B/32 at batch 8, then with ``model.image.<field> = value``."""
     c = base_config()
     c.model.size = "B/32"
     validate(c)
-    tok = mfu_lib.clip_train_flops(c.model, 8)
+    before = mfu_lib.clip_train_flops(c.model, 8)
     with c.unlocked():
-        c.model.image.pool = "map"
+        c.model.image[field] = value
+    return before, mfu_lib.clip_train_flops(c.model, 8)
+
+
+def test_map_pooling_adds_its_head():
+    tok, map_ = _b32_flops_before_and_after("pool", "map")
     d, t, mlp = 768, 50, 3072
     head = 2 * d * d + 2 * (2 * t * d * d) + 2 * (2 * t * d) + 2 * d * d + 2 * (2 * d * mlp)
-    assert mfu_lib.clip_train_flops(c.model, 8) - tok == 3 * 8 * head
+    assert map_ - tok == 3 * 8 * head
 
 
 def test_flip_masking_counts_the_kept_patches_only():
-    c = base_config()
-    c.model.size = "B/32"
-    validate(c)
-    full = mfu_lib.clip_train_flops(c.model, 8)
-    with c.unlocked():
-        c.model.image.mask_ratio = 0.5
+    full, masked = _b32_flops_before_and_after("mask_ratio", 0.5)
     # 49 patches at 0.5 keep int(24.5) = 24, + the class token: the blocks see 25 tokens, not 50;
     # every patch is still embedded. Per layer: 4 projections + 2 MLP matmuls per token, and the
     # T x T scores and weighted values.
     d, mlp, layers = 768, 3072, 12
     per_layer = lambda t: t * 2 * (4 * d * d + 2 * d * mlp) + 2 * (2 * t * t * d)
-    assert full - mfu_lib.clip_train_flops(c.model, 8) == 3 * 8 * layers * (per_layer(50) - per_layer(25))
+    assert full - masked == 3 * 8 * layers * (per_layer(50) - per_layer(25))
 
 
 def _flops(remat, devices):
