@@ -85,7 +85,8 @@ def test_grad_accumulation_equals_one_big_batch(devices, impl):
     for h1, h2 in zip(ref_hist, acc_hist):
         np.testing.assert_allclose(h2["train/loss"], h1["train/loss"], rtol=1e-5)
         np.testing.assert_allclose(h2["train/grad_norm"], h1["train/grad_norm"], rtol=1e-5)
-    assert _global_rel(acc.params, ref.params, init) < 1e-5
+    # float32 sums in another order: ~2e-5 of the update (accumulated gradients 1% off fail this test).
+    assert _global_rel(acc.params, ref.params, init) < 5e-5
     # The steps really moved the weights (the comparison above is not vacuous).
     assert ref_hist[0]["train/grad_norm"] > 0
 
