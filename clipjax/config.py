@@ -390,7 +390,7 @@ def _device_count_hint(mesh: ml_collections.ConfigDict) -> str:
     """How to get the devices the mesh asks for (on CPU: simulate them), or to fit the mesh to them."""
     import jax
 
-    sizes = [mesh[a] * mesh[f"dcn_{a}"] for a in sharding.MESH_AXES]
+    sizes = sharding.mesh_axis_sizes(mesh)
     if sum(s < 0 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         return ""  # the sizes themselves are wrong, whatever the devices
     fixed = math.prod(s for s in sizes if s > 0)

@@ -67,6 +67,11 @@ def rules_from_config(overrides: Sequence[Sequence[Any]] | None = None) -> tuple
     return tuple(rules.items())
 
 
+def mesh_axis_sizes(mesh_cfg) -> list[int]:
+    """Each mesh axis's size over all slices (ICI x DCN) as the config names it; negative where left open."""
+    return [int(mesh_cfg[a]) * int(mesh_cfg[f"dcn_{a}"]) for a in MESH_AXES]
+
+
 def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
     """``(ici, dcn)`` axis sizes of ``config.mesh`` on ``num_devices``, its one -1 filled in.
 

@@ -16,7 +16,7 @@ def _compile_demo(devices) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_step_compiles_without_full_rematerialization(devices, capfd, monkeypatch):
+def test_fsdp_step_compiles_without_full_rematerialization(devices, capfd, monkeypatch, fresh_compiles):
     capfd.readouterr()
     _compile_demo(devices)
     assert WARNING not in capfd.readouterr().err

@@ -40,7 +40,7 @@ import tempfile
 import time
 from typing import Any
 
-from clipjax import host_env
+from clipjax import bench, host_env
 from clipjax.errors import ArgumentParser
 
 
@@ -277,10 +277,9 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
 
 def config_device_count(args) -> int:
     """Devices the config's mesh names when every axis is fixed (the demo: 8), else 1."""
-    from clipjax import config as config_lib
+    from clipjax import config as config_lib, sharding
 
-    mesh = config_lib.load_config(args.config, [f"--config.{s}" for s in args.set]).mesh
-    sizes = [int(mesh[a]) * int(mesh[f"dcn_{a}"]) for a in ("data", "fsdp", "tensor")]
+    sizes = sharding.mesh_axis_sizes(config_lib.load_config(args.config, [f"--config.{s}" for s in args.set]).mesh)
     return 1 if any(s < 1 for s in sizes) else math.prod(sizes)
 
 
@@ -293,13 +292,11 @@ def main(argv: list[str]) -> int:
     # On CPU the step runs on the devices its config was written for (simulated ones, as
     # `make demo` runs): many small ops keep both cores busier split over devices.
     wanted = args.devices or config_device_count(args)
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={wanted}"
+    bench.request_cpu_devices(wanted)
     import jax
 
     if jax.default_backend() == "cpu":
-        if jax.device_count() < wanted:
-            raise SystemExit(f"only {jax.device_count()} of {wanted} CPU devices: XLA_FLAGS already names a count")
-        devices = jax.devices()[:wanted]
+        devices = bench.cpu_devices(wanted)
     else:
         devices = jax.devices()[:args.devices] if args.devices else jax.devices()
     from clipjax.bench.table import emit
