@@ -60,3 +60,9 @@ def bpe_path():
     if not os.path.exists(path):
         pytest.fail(f"CLIP BPE vocabulary not found at {path}; run `make bpe` (make test does it)")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow cases first: under pytest-xdist they then overlap the many short ones instead of
+    running alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -59,6 +59,7 @@ def steps_on_disk(workdir):
 # ---------------------------------------------------------------- 1. damaged checkpoints
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(data_dir, tmp_path, caplog):
     run = str(tmp_path / "run")
     sync = ("--config.checkpoint.every=2", "--config.checkpoint.keep=3", "--config.checkpoint.async_save=false")
@@ -89,6 +90,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(data_dir,
         assert got[step] == want[step], (step, got[step], want[step])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_shapes_is_incompatible_not_damaged(data_dir, tmp_path):
     import orbax.checkpoint as ocp
 
@@ -115,6 +117,7 @@ def _diverging(data_dir, *extra):
                  "--config.checkpoint.keep=1", "--config.checkpoint.async_save=false", *extra)
 
 
+@pytest.mark.slow
 def test_divergence_saves_nothing_inside_the_non_finite_streak(data_dir, tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(NonFiniteError, match=r"restart from step \d+ in") as info:

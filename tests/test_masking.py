@@ -70,6 +70,7 @@ def _rel(a, b):
     ("gap", 0.75, {"train.grad_accum": 2, "model.remat": "full"}),
     ("map", 0.5, {"model.scan": False}),
 ])
+@pytest.mark.slow
 def test_masked_step_gradients_equal_hand_gathered_reference(devices, pool, ratio, overrides):
     c = masked_config(pool, ratio, **overrides)
     validate(c, 8)

@@ -77,6 +77,7 @@ def _flops(remat, devices):
     return c.model, mfu_lib.clip_train_flops(c.model, 8), hlo_flops.compiled_flops(compile_train_step(setup))
 
 
+@pytest.mark.slow
 def test_model_flops_ignore_remat_while_compiled_flops_grow(devices):
     m, model_none, hw_none = _flops("none", devices)
     _, model_full, hw_full = _flops("full", devices)

@@ -50,6 +50,7 @@ def test_loss_falls_on_learnable_data(data_dir, tmp_path):
         assert key in keys, key
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_another_mesh_and_continues_identically(data_dir, tmp_path, devices):
     ref_dir, dir_a = str(tmp_path / "ref"), str(tmp_path / "a")
     train(smoke(data_dir, "--config.train.steps=6", "--config.checkpoint.every=3"), ref_dir)

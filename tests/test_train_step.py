@@ -71,6 +71,7 @@ def _global_rel(a, b, origin):
 
 
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch(devices, impl):
     # eps=1 keeps Adam's first steps linear in the gradient, so comparing updates compares
     # gradients (with the default eps Adam turns float noise in near-zero gradients, e.g. the
@@ -91,6 +92,7 @@ def test_grad_accumulation_equals_one_big_batch(devices, impl):
     assert ref_hist[0]["train/grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device(devices):
     batches = [make_batch(tiny_config(), s) for s in range(3)]
     c8 = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2, "loss.impl": "chunked"})
@@ -148,6 +150,7 @@ def test_logit_scale_is_clamped_after_update(devices):
     assert hist[0]["train/scale"] == pytest.approx(1 / 0.07, rel=1e-5)  # the step saw the initial scale
     assert float(state.params["logit_scale"]) == pytest.approx(math.log(10.0), abs=1e-6)
 
+@pytest.mark.slow
 def test_sigmoid_loss_over_the_ring_with_map_pooling(devices):
     """The real step with SigLIP's loss through the ring and attention pooling equals the dense loss."""
     common = {"loss.kind": "sigmoid", "model.image.pool": "map", "model.image.class_token": False,
