@@ -62,6 +62,13 @@ def bpe_path():
     return path
 
 
+def pytest_configure(config):
+    # pytest-xdist hands each worker a quarter of its share up front, in collection order:
+    # with the slow cases first, one worker would get them all. One test at a time instead.
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow cases first: under pytest-xdist they then overlap the many short ones instead of
     running alone at the end of the suite."""
