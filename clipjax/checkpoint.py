@@ -218,7 +218,8 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         # The caller's cadence (should_save, SIGTERM, the last step) decides; orbax always writes.
-        self.check()
+        if self._saving is not None:
+            self.wait()  # orbax would wait for the previous save anyway; its error then names its own step
         self._saving = step
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items), force=True)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -168,7 +169,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_stops_the_run_at_the_next_step_naming_the_path(data_dir, tmp_path, tiny_disk):
+def test_a_full_disk_stops_the_run_at_the_next_step_naming_the_path(data_dir, tmp_path, tiny_disk, monkeypatch):
     from clipjax.train import _default_data_iterator
 
     run = tmp_path / "run"
@@ -206,6 +207,19 @@ def test_a_full_disk_stops_the_run_at_the_next_step_naming_the_path(data_dir, tm
     def make(config, mesh):
         iterators.append(FillsTheDisk(config, mesh))
         return iterators[-1]
+
+    # The background save (and its failure) ends before the next step, however loaded the
+    # machine: the test is then about where the run notices, not about the thread's speed.
+    original_save = ckpt_lib.Checkpointer.save
+
+    def save_and_let_it_finish(self, step, *args, **kwargs):
+        started = original_save(self, step, *args, **kwargs)
+        deadline = time.time() + 120
+        while self.manager.is_saving_in_progress() and time.time() < deadline:
+            time.sleep(0.05)
+        return started
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_and_let_it_finish)
 
     with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"checkpoint step 4 to .*checkpoints/4 failed: .*"
                                                            r"No space left on device"):
