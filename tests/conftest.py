@@ -39,10 +39,11 @@ def fresh_compiles():
     """XLA compiles every program in this test: what the compiler prints is then seen."""
     from jax.experimental.compilation_cache import compilation_cache
 
+    enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
     yield
-    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_enable_compilation_cache", enabled)
     compilation_cache.reset_cache()
 
 

@@ -150,6 +150,7 @@ def test_logit_scale_is_clamped_after_update(devices):
     assert hist[0]["train/scale"] == pytest.approx(1 / 0.07, rel=1e-5)  # the step saw the initial scale
     assert float(state.params["logit_scale"]) == pytest.approx(math.log(10.0), abs=1e-6)
 
+
 @pytest.mark.slow
 def test_sigmoid_loss_over_the_ring_with_map_pooling(devices):
     """The real step with SigLIP's loss through the ring and attention pooling equals the dense loss."""
