@@ -173,15 +173,21 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int, last_rows: int | None = None) -> float:
     """Forward matmul FLOPs of pre-norm blocks for one sequence of ``tokens`` tokens.
 
     Per layer and token: qkv + output projections ``2*4*d^2``, MLP ``2*2*d*mlp``,
     scores and weighted values ``2*2*T*d`` (dense: a causal mask saves nothing).
+    ``last_rows``: the rows the last block computes when the tower pools one token
+    (``Transformer(query_B=...)``): its keys and values still cover every token, its
+    query, output projection, MLP and scores only those rows.
     """
     d, t = width, tokens
-    per_token = 2 * (4 * d * d + 2 * d * mlp_dim) + 4 * t * d
-    return float(depth * t * per_token)
+
+    def layer(rows: int) -> int:
+        return rows * (2 * (2 * d * d + 2 * d * mlp_dim) + 4 * t * d) + t * 2 * 2 * d * d
+
+    return float((depth - 1) * layer(t) + layer(t if last_rows is None else last_rows))
 
 
 def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
@@ -200,12 +206,16 @@ def vit_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_dim:
     tokens = num_kept(patches, mask_ratio) + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
     head = map_head_flops(tokens, width, mlp_dim) if pool == "map" else 0.0
-    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim) + head + 2 * width * embed_dim
+    last_rows = 1 if pool == "tok" else None  # the class token's row only
+    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim, last_rows) + head + 2 * width * embed_dim
 
 
 def text_flops(context_length: int, width: int, depth: int, mlp_dim: int, embed_dim: int) -> float:
-    """Forward matmul FLOPs of the text tower for one caption (the token embedding is a gather)."""
-    return transformer_forward_flops(context_length, width, depth, mlp_dim) + 2 * width * embed_dim
+    """Forward matmul FLOPs of the text tower for one caption (the token embedding is a gather).
+
+    The tower pools one token, so its last block computes that row only.
+    """
+    return transformer_forward_flops(context_length, width, depth, mlp_dim, last_rows=1) + 2 * width * embed_dim
 
 
 def clip_train_flops(model_cfg: Any, batch: int) -> float:
@@ -216,8 +226,9 @@ def clip_train_flops(model_cfg: Any, batch: int) -> float:
     MLPs, pooling head and output projections; plus the ``batch x batch``
     similarity matrix of the loss: ``2*B*B*E`` forward, ``6*B*B*E`` with its
     gradients. Elementwise work (norms, activations, softmax, the optimizer) is
-    not counted; FLIP's masked patches are not counted. ``model_cfg`` is a resolved ``config.model`` (or a dict with the
-    same keys). Rematerialisation is not counted (model FLOPs, not hardware), so
+    not counted; FLIP's masked patches are not counted; nor are the rows of the last
+    block that pooling never reads (``transformer_forward_flops``'s ``last_rows``).
+    ``model_cfg`` is a resolved ``config.model`` (or a dict with the same keys). Rematerialisation is not counted (model FLOPs, not hardware), so
     the figure does not depend on ``model.remat``. Divide by the device count for
     the per-device figure.
     """

@@ -11,7 +11,7 @@ from tests.test_train_step import tiny_config
 
 
 def _hand_count_b32_forward_per_example() -> tuple[int, int]:
-    """ViT-B/32 forward matmul FLOPs per example, written out matrix by matrix (image, text)."""
+    """ViT-B/32 forward matmul FLOPs per example, written out matrix by matrix (image, text), every row."""
     # Image: 224 px in 32 px patches -> 7 x 7 = 49 patches + 1 class token = 50 tokens, width 768.
     patches, tokens, d, mlp, layers = 49, 50, 768, 3072, 12
     patch_embed = patches * 2 * (32 * 32 * 3) * d
@@ -37,6 +37,15 @@ def test_b32_model_flops_equal_a_hand_count():
     image, text = _hand_count_b32_forward_per_example()
     # OpenCLIP's published profile for ViT-B-32 lists 4.41 G multiply-adds for the image tower.
     assert image / 2 / 1e9 == pytest.approx(4.41, abs=0.005)
+    # Both towers pool one token, so the last block computes only that row: of its
+    # T rows it skips T-1 queries, output projections, MLPs, and their scores and
+    # weighted values; keys and values still cover all T tokens.
+    for t, d, mlp in ((50, 768, 3072), (77, 512, 2048)):
+        skipped = (t - 1) * (2 * d * d + 2 * d * d + 2 * d * mlp + 2 * d * mlp + 2 * t * d + 2 * t * d)
+        if d == 768:
+            image -= skipped
+        else:
+            text -= skipped
     batch = 256
     loss = 2 * batch * batch * 512  # the similarity matrix, forward
     expected = 3 * (batch * (image + text) + loss)  # backward = 2 x forward
@@ -58,17 +67,22 @@ def test_map_pooling_adds_its_head():
     tok, map_ = _b32_flops_before_and_after("pool", "map")
     d, t, mlp = 768, 50, 3072
     head = 2 * d * d + 2 * (2 * t * d * d) + 2 * (2 * t * d) + 2 * d * d + 2 * (2 * d * mlp)
-    assert map_ - tok == 3 * 8 * head
+    # The probe reads every token, so the last block computes the T-1 rows "tok" skipped.
+    rows = (t - 1) * (2 * (2 * d * d + 2 * d * mlp) + 4 * t * d)
+    assert map_ - tok == 3 * 8 * (head + rows)
 
 
 def test_flip_masking_counts_the_kept_patches_only():
     full, masked = _b32_flops_before_and_after("mask_ratio", 0.5)
     # 49 patches at 0.5 keep int(24.5) = 24, + the class token: the blocks see 25 tokens, not 50;
     # every patch is still embedded. Per layer: 4 projections + 2 MLP matmuls per token, and the
-    # T x T scores and weighted values.
+    # T x T scores and weighted values. The last block computes the class token's row only: its
+    # keys and values for the T tokens, one query, output projection, MLP and row of scores.
     d, mlp, layers = 768, 3072, 12
     per_layer = lambda t: t * 2 * (4 * d * d + 2 * d * mlp) + 2 * (2 * t * t * d)
-    assert full - masked == 3 * 8 * layers * (per_layer(50) - per_layer(25))
+    last = lambda t: t * 2 * (2 * d * d) + 2 * (2 * d * d + 2 * d * mlp) + 2 * (2 * t * d)
+    blocks = lambda t: (layers - 1) * per_layer(t) + last(t)
+    assert full - masked == 3 * 8 * (blocks(50) - blocks(25))
 
 
 def _flops(remat, devices):
@@ -89,7 +103,9 @@ def test_model_flops_ignore_remat_while_compiled_flops_grow(devices):
     image_tokens = (img.image_size // img.patch_size) ** 2 + int(img.get("class_token", True))
 
     def recomputed(t, d, depth, mlp):
-        return depth * t * (2 * (3 * d * d + d * mlp) + 4 * t * d)
+        # The last block computes one row (the pooled token), but its keys and values cover all T.
+        last = 2 * d * d + 2 * (2 * t * d * d) + 4 * t * d + 2 * d * mlp
+        return (depth - 1) * t * (2 * (3 * d * d + d * mlp) + 4 * t * d) + last
 
     blocks_forward = 8 * (recomputed(image_tokens, img.width, img.depth, img.mlp_dim)
                           + recomputed(txt.context_length, txt.width, txt.depth, txt.mlp_dim))

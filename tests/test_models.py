@@ -189,6 +189,47 @@ def test_remat_and_scan_match_a_float64_reference(stack_reference, scan, remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=tol * g_max), grads, grads64)
 
 
+@pytest.mark.parametrize("scan,remat,causal", [(True, "none", False), (True, "dots_no_batch", True),
+                                               (False, "none", True), (False, "dots_no_batch", False)])
+def test_one_pooled_row_equals_that_row_of_the_full_stack(scan, remat, causal):
+    """``query_B``: the last block computes one row per example; it is the full stack's row, gradients too.
+
+    The reference runs every row of every block in float64 and reads the rows afterwards. The
+    queried rows differ per example (one in the padded tail); a causal query sees the keys
+    before it, a padded sequence only its valid keys.
+    """
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(2, 2, 8, 32))
+    mask = None if causal else np.arange(8)[None, :] < np.array([[8], [5]])
+    query = np.array([6, 3], np.int32)
+    full = lambda dtype: Transformer(_DEPTH, num_heads=4, head_dim=8, mlp_dim=64, causal=causal, scan=True,
+                                     dtype=dtype)
+    params = nn.unbox(jax.jit(full(jnp.float32).init)(jax.random.key(0), jnp.asarray(x, jnp.float32), mask))["params"]
+    pick = lambda a: jnp.take_along_axis(a, jnp.asarray(query)[:, None, None], axis=1)
+
+    def outputs_and_grads(apply, p, x, w):
+        def loss(p, x):
+            y = apply(p, x)
+            return jnp.sum(y * pick(w)), y
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(p, x)
+        return jax.tree.map(lambda a: np.asarray(a, np.float64), (y, grads))
+
+    with jax.enable_x64(True):
+        y64, grads64 = outputs_and_grads(lambda p, x: pick(full(jnp.float64).apply({"params": p}, x, mask)),
+                                         jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params),
+                                         jnp.asarray(x), jnp.asarray(w))
+    module = Transformer(_DEPTH, num_heads=4, head_dim=8, mlp_dim=64, causal=causal, remat=remat, scan=scan)
+    y, (g_params, g_x) = outputs_and_grads(lambda p, x: module.apply({"params": p}, x, mask, query_B=jnp.asarray(query)),
+                                           params if scan else _unrolled(params), jnp.asarray(x, jnp.float32),
+                                           jnp.asarray(w, jnp.float32))
+    assert y.shape == (2, 1, 32)
+    tol = 3e-6
+    np.testing.assert_allclose(y, y64, rtol=0, atol=tol * np.max(np.abs(y64)))
+    grads = (g_params if scan else _scanned(g_params), g_x)
+    g_max = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads64))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=tol * g_max), grads, grads64)
+
+
 def test_determinism_for_fixed_rng():
     m = tiny()
     images, ids = _inputs(m)

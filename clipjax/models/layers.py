@@ -121,7 +121,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x)).
+
+    With ``query_B`` (int32 ``[B]``) only that token's output is computed (``[B, 1, D]``):
+    it attends to every key it would attend to in the full block, so its row is the
+    full block's row at that index, for a fraction of the work.
+    """
 
     num_heads: int
     head_dim: int
@@ -133,16 +138,23 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None,
+                 query_B: jax.Array | None = None) -> jax.Array:
         width = x_BTD.shape[-1]
         # OpenCLIP-style init: residual branches shrink with depth.
         attn_std = width**-0.5
         out_std = width**-0.5 * (2 * self.depth) ** -0.5
         fc_std = (2 * width) ** -0.5
-        y = LayerNorm(self.ln_eps, self.dtype, name="ln_attn")(x_BTD)
-        y = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, attn_std, out_std, name="attn")(
-            y, is_causal=self.causal, mask_BS=mask_BT)
-        x_BTD = x_BTD + y
+        y_BTD = LayerNorm(self.ln_eps, self.dtype, name="ln_attn")(x_BTD)
+        attn = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, attn_std, out_std, name="attn")
+        if query_B is None:
+            x_BTD = x_BTD + attn(y_BTD, is_causal=self.causal, mask_BS=mask_BT)
+        else:
+            pick = lambda a: jnp.take_along_axis(a, query_B[:, None, None], axis=1)
+            if self.causal:  # the keys a causal query at position q sees: 0..q
+                seen_BT = jnp.arange(x_BTD.shape[1])[None, :] <= query_B[:, None]
+                mask_BT = seen_BT if mask_BT is None else mask_BT & seen_BT
+            x_BTD = pick(x_BTD) + attn(pick(y_BTD), y_BTD, mask_BS=mask_BT)
         y = LayerNorm(self.ln_eps, self.dtype, name="ln_mlp")(x_BTD)
         y = Mlp(self.mlp_dim, self.act, self.dtype, fc_std, out_std, name="mlp")(y)
         x_BTD = constrain(x_BTD + y, ("act_batch", "act_len", "act_embed"))
@@ -172,25 +184,46 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None,
+                 query_B: jax.Array | None = None) -> jax.Array:
+        """``[B, T, D]`` outputs; with ``query_B``, only the last block's row at that index (``[B, 1, D]``).
+
+        A tower that pools one token (the class token, the end-of-text token) passes its
+        index: the last block then runs its query, output projection and MLP on that row
+        only, an exact shortcut (1/depth of the tower's matmuls for one token of T).
+        """
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, depth=self.depth,
                       act=self.act, ln_eps=self.ln_eps, causal=self.causal, dtype=self.dtype)
         block_cls = _ScanBlock if self.scan else Block
+        last_cls = Block
         if self.remat != "none":
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        if self.scan:
-            scanned = nn.scan(
-                block_cls,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=nn.broadcast,
-                length=self.depth,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x_BTD, _ = scanned(**kwargs, name="blocks")(x_BTD, mask_BT)
-            return x_BTD
-        for i in range(self.depth):
-            x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
-        return x_BTD
+            last_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
+
+        def scanned(length: int, **where):
+            return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                           length=length, metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, **where)
+
+        if query_B is None or self.is_initializing():  # every row of every block (init creates all the params)
+            if self.scan:
+                x_BTD, _ = scanned(self.depth, name="blocks")(x_BTD, mask_BT)
+            else:
+                for i in range(self.depth):
+                    x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
+            return x_BTD if query_B is None else jnp.take_along_axis(x_BTD, query_B[:, None, None], axis=1)
+        if not self.scan:
+            for i in range(self.depth - 1):
+                x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
+            return last_cls(**kwargs, name=f"block_{self.depth - 1}")(x_BTD, mask_BT, query_B)
+        # The params stay one "blocks" stack: a scan over its first depth-1 layers, then the
+        # last layer on its own. One split: its gradient is one concatenation.
+        stack = nn.unbox(self.variables["params"]["blocks"])
+        is_pair = lambda x: isinstance(x, list)
+        halves = jax.tree.map(lambda a: jnp.split(a, [self.depth - 1]), stack)
+        if self.depth > 1:
+            head = jax.tree.map(lambda h: h[0], halves, is_leaf=is_pair)
+            x_BTD, _ = scanned(self.depth - 1, parent=None).apply({"params": head}, x_BTD, mask_BT)
+        last = jax.tree.map(lambda h: h[1][0], halves, is_leaf=is_pair)
+        return last_cls(**kwargs, parent=None).apply({"params": last}, x_BTD, mask_BT, query_B)

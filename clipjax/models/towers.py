@@ -96,8 +96,11 @@ class ImageTower(nn.Module):
         x_BPD = constrain(x_BPD, ("act_batch", "act_len", "act_embed"))
         if self.ln_pre:
             x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_pre")(x_BPD)
+        # The class token's row is all that "tok" pooling reads.
+        query_B = jnp.zeros((b,), jnp.int32) if self.pool == "tok" else None
         x_BPD = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
-                            causal=False, remat=self.remat, scan=self.scan, dtype=self.dtype, name="transformer")(x_BPD)
+                            causal=False, remat=self.remat, scan=self.scan, dtype=self.dtype, name="transformer")(
+            x_BPD, query_B=query_B)
         x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_post")(x_BPD)
         if self.pool == "tok":
             x_BD = x_BPD[:, 0]
@@ -156,16 +159,16 @@ class TextTower(nn.Module):
         x_BTD = jnp.take(tok, ids_BT, axis=0).astype(self.dtype) + pos[None, :t].astype(self.dtype)
         x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
         valid_BT = ids_BT != self.pad_id
-        x_BTD = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
-                            causal=self.causal, remat=self.remat, scan=self.scan, dtype=self.dtype,
-                            name="transformer")(x_BTD, None if self.causal else valid_BT)
-        x_BTD = LayerNorm(self.ln_eps, self.dtype, name="ln_final")(x_BTD)
         index_B = jnp.maximum(jnp.sum(valid_BT, axis=-1) - 1, 0)
         if self.pool == "eot" and self.eot_id is None:
             index_B = jnp.argmax(ids_BT, axis=-1)
         elif self.pool == "eot":
             is_eot_BT = ids_BT == self.eot_id
             index_B = jnp.where(jnp.any(is_eot_BT, axis=-1), jnp.argmax(is_eot_BT, axis=-1), index_B)
-        x_BD = jnp.take_along_axis(x_BTD, index_B[:, None, None], axis=1)[:, 0]
+        # Only the pooled token's row of the last block is computed.
+        x_B1D = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
+                            causal=self.causal, remat=self.remat, scan=self.scan, dtype=self.dtype,
+                            name="transformer")(x_BTD, None if self.causal else valid_BT, query_B=index_B.astype(jnp.int32))
+        x_BD = LayerNorm(self.ln_eps, self.dtype, name="ln_final")(x_B1D)[:, 0]
         w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
         return jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
