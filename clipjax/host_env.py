@@ -1,13 +1,15 @@
-"""Host memory setting for the command-line tools: large allocations on huge pages.
+"""Host memory setting for the command-line tools, opt-in: large allocations on huge pages.
 
 XLA:CPU gives every execution fresh buffers for its temporaries; glibc maps each
 allocation above its mmap threshold (at most 32 MiB) anew, and the kernel then
-faults it in 4 KiB pages. A ViT-B/32 train step at batch 16 touches ~1.2 GiB that
-way: ~300k page faults and ~1 s of kernel time a step on 2 cores. glibc's
+faults it in 4 KiB pages. A ViT-B/32 train step at batch 32 touches ~2 GiB that
+way: ~550k page faults and ~1.5 s of kernel time a step on 2 cores. glibc's
 ``glibc.malloc.hugetlb=1`` tunable (glibc >= 2.35) asks for transparent huge pages
-on those mappings (2 MiB pages: ~1k faults a step). Tunables are read when a
-process starts, so a command-line tool re-executes itself once with the tunable
-set; ``CLIPJAX_HUGE_PAGES=0`` turns this off.
+on those mappings (2 MiB pages: ~1.6k faults a step). That saved ~1.5% of a step on
+a freshly booted VM, but on one that had run for hours the kernel spent 11-13 s a
+step on the huge pages (the step went from 12.6 to 18.4 s), so it is off unless
+``CLIPJAX_HUGE_PAGES=1``. Tunables are read when a process starts, so a
+command-line tool re-executes itself once with the tunable set.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ def _glibc_supports_hugetlb() -> bool:
 
 
 def use_huge_pages() -> None:
-    """Re-executes this process with ``GLIBC_TUNABLES`` asking for huge pages, once, where it helps.
+    """With ``CLIPJAX_HUGE_PAGES=1``, re-executes this process once with ``GLIBC_TUNABLES`` asking for huge pages.
 
     Call it first thing in a command-line entry point (nothing else runs twice). It does
-    nothing off Linux/glibc, when transparent huge pages are off, when the user already
-    set the tunable, or with ``CLIPJAX_HUGE_PAGES=0``.
+    nothing without that variable, off Linux/glibc, when transparent huge pages are off,
+    or when the user already set the tunable.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (os.environ.get("CLIPJAX_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables
+    if (os.environ.get("CLIPJAX_HUGE_PAGES", "0") != "1" or "glibc.malloc.hugetlb" in tunables
             or not sys.platform.startswith("linux") or not _glibc_supports_hugetlb() or not _thp_available()):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, TUNABLE) if t), **{ADDED_MARK: "1"})
