@@ -228,9 +228,9 @@ def clip_train_flops(model_cfg: Any, batch: int) -> float:
     gradients. Elementwise work (norms, activations, softmax, the optimizer) is
     not counted; FLIP's masked patches are not counted; nor are the rows of the last
     block that pooling never reads (``transformer_forward_flops``'s ``last_rows``).
-    ``model_cfg`` is a resolved ``config.model`` (or a dict with the same keys). Rematerialisation is not counted (model FLOPs, not hardware), so
-    the figure does not depend on ``model.remat``. Divide by the device count for
-    the per-device figure.
+    ``model_cfg`` is a resolved ``config.model`` (or a dict with the same keys).
+    Rematerialisation is not counted (model FLOPs, not hardware), so the figure does
+    not depend on ``model.remat``. Divide by the device count for the per-device figure.
     """
     img, txt = _get(model_cfg, "image"), _get(model_cfg, "text")
     e = _get(model_cfg, "embed_dim")
