@@ -120,6 +120,11 @@ class Mlp(nn.Module):
         return constrain(y_BTD, ("act_batch", "act_len", "act_embed"))
 
 
+def take_rows(x_BTD: jax.Array, index_B: jax.Array) -> jax.Array:
+    """Row ``index_B[b]`` of each example: ``[B, 1, D]``."""
+    return jnp.take_along_axis(x_BTD, index_B[:, None, None], axis=1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x)).
 
@@ -150,11 +155,10 @@ class Block(nn.Module):
         if query_B is None:
             x_BTD = x_BTD + attn(y_BTD, is_causal=self.causal, mask_BS=mask_BT)
         else:
-            pick = lambda a: jnp.take_along_axis(a, query_B[:, None, None], axis=1)
             if self.causal:  # the keys a causal query at position q sees: 0..q
                 seen_BT = jnp.arange(x_BTD.shape[1])[None, :] <= query_B[:, None]
                 mask_BT = seen_BT if mask_BT is None else mask_BT & seen_BT
-            x_BTD = pick(x_BTD) + attn(pick(y_BTD), y_BTD, mask_BS=mask_BT)
+            x_BTD = take_rows(x_BTD, query_B) + attn(take_rows(y_BTD, query_B), y_BTD, mask_BS=mask_BT)
         y = LayerNorm(self.ln_eps, self.dtype, name="ln_mlp")(x_BTD)
         y = Mlp(self.mlp_dim, self.act, self.dtype, fc_std, out_std, name="mlp")(y)
         x_BTD = constrain(x_BTD + y, ("act_batch", "act_len", "act_embed"))
@@ -212,7 +216,7 @@ class Transformer(nn.Module):
             else:
                 for i in range(self.depth):
                     x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
-            return x_BTD if query_B is None else jnp.take_along_axis(x_BTD, query_B[:, None, None], axis=1)
+            return x_BTD if query_B is None else take_rows(x_BTD, query_B)
         if not self.scan:
             for i in range(self.depth - 1):
                 x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
