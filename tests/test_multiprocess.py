@@ -7,6 +7,7 @@ one-process run on another mesh, and exit promptly when one of them dies.
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -118,20 +119,33 @@ def _signal_process_1(run, data_dir, sig, ready, *, wait_s, exit_within_s):
     launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
     deadline = time.time() + wait_s
-    while (seen := ready()) is None and time.time() < deadline:
+    while (seen := ready()) is None and time.time() < deadline and launcher.poll() is None:
         time.sleep(0.5)
     victim = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port} .*--process_id=1"], capture_output=True,
                             text=True).stdout.split()
     if seen is None or not victim:
+        ended = launcher.poll() is not None
         os.killpg(launcher.pid, signal.SIGKILL)
-        pytest.fail("process 1 not found" if seen is not None else f"the run was not ready after {wait_s} s")
+        why = ("the launch ended before the run was ready" if ended else
+               "process 1 not found" if seen is not None else f"the run was not ready after {wait_s} s")
+        pytest.fail(f"{why}\n{_launch_logs(launcher.communicate()[1].decode())}")
     os.kill(int(victim[0]), sig)
     try:
         _, err = launcher.communicate(timeout=exit_within_s)
     except subprocess.TimeoutExpired:
         os.killpg(launcher.pid, signal.SIGKILL)
-        pytest.fail(f"the launch did not end within {exit_within_s} s of process 1 getting signal {sig}")
+        pytest.fail(f"the launch did not end within {exit_within_s} s of process 1 getting signal {sig}\n"
+                    f"{_launch_logs(launcher.communicate()[1].decode())}")
     return seen, launcher.returncode, err.decode()
+
+
+def _launch_logs(stderr: str) -> str:
+    """The launcher's stderr and the tail of each process's log, for a failure message."""
+    parts = [stderr[-2000:]]
+    for logdir in re.findall(r"logs in (\S+)", stderr)[:1]:
+        for log in sorted(pathlib.Path(logdir).glob("process_*.log")):
+            parts.append(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:])
+    return "\n".join(parts)
 
 
 def _last_logged_step(run):
@@ -143,12 +157,12 @@ def _last_logged_step(run):
 
 def test_a_dead_process_ends_the_launch_and_a_rerun_resumes(data_dir, tmp_path):
     run = str(tmp_path / "run")
-    _, code, err = _signal_process_1(run, data_dir, signal.SIGKILL,
-                                     lambda: ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step(),
-                                     wait_s=300, exit_within_s=60)
+    checkpoints = ckpt_lib.Checkpointer(run, every=4, keep=3)
+    _, code, err = _signal_process_1(run, data_dir, signal.SIGKILL, checkpoints.latest_step,
+                                     wait_s=600, exit_within_s=60)
     assert code != 0
     assert "process 1 exited" in err
-    saved = ckpt_lib.Checkpointer(run, every=4, keep=3).latest_step()
+    saved = checkpoints.latest_step()
     time.sleep(1)  # let the killed survivors' ports close
     run_local(2, run, data_dir, saved + 4)
     assert max(losses_of(run)) == saved + 4
