@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import NoReturn
 
 import jax
 
@@ -58,3 +60,37 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(**kwargs)
     log.info("process %d of %d (%s); %d local / %d global devices", jax.process_index(), jax.process_count(),
              "flags" if explicit else env, jax.local_device_count(), jax.device_count())
+
+
+def is_multiprocess() -> bool:
+    """True in one process of several (``jax.distributed`` is up)."""
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def barrier(name: str, *, timeout_s: int = 3600) -> None:
+    """Blocks until every process reaches the barrier ``name`` (used once per run); a no-op alone.
+
+    It waits in the coordination service, not in a collective. Gloo joins a device group on
+    the group's first collective and gives the other processes 30 s to arrive, so a process
+    that compiled or loaded faster must not start a new program's first step that far ahead.
+    """
+    if not is_multiprocess():
+        return
+    # jax has no public barrier that avoids a collective; orbax waits on this same client.
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(f"clipjax/{name}", timeout_in_ms=timeout_s * 1000)
+
+
+def exit_at_once(status: int) -> NoReturn:
+    """Ends this process with ``status`` now, without ``jax.distributed``'s shutdown barrier.
+
+    After an error the other processes may be blocked in a collective that cannot finish;
+    the cooperative shutdown would wait 5 minutes for them and keep the launch alive. Gone
+    at once, this process is seen by the launcher (which stops the rest) or, on a pod, by
+    the coordination service's heartbeat.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -228,7 +229,32 @@ def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | N
     if argv is None:  # the command line, not a caller in this process
         host_env.use_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
-    sys.exit(run_cli(prog, lambda a: app.run(body, argv=[prog, *a], flags_parser=_flags_parser(prog)), argv))
+    try:
+        status = run_cli(prog, lambda a: app.run(body, argv=[prog, *a], flags_parser=_flags_parser(prog)), argv)
+    except SystemExit as e:  # absl's app.run ends with sys.exit
+        status = e.code
+    except BaseException:
+        if not _multiprocess():
+            raise
+        traceback.print_exc()
+        status = 1
+    if status not in (None, 0) and _multiprocess():
+        from clipjax import distributed
+
+        if not isinstance(status, int):  # sys.exit("message")
+            print(status, file=sys.stderr)
+            status = 1
+        distributed.exit_at_once(status)
+    sys.exit(status)
+
+
+def _multiprocess() -> bool:
+    """One process of several: an error exit must not wait for peers (``distributed.exit_at_once``)."""
+    if "jax" not in sys.modules:  # --help, a bad flag: jax never started
+        return False
+    from clipjax import distributed
+
+    return distributed.is_multiprocess()
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from clipjax import checkpoint as ckpt_lib
+from clipjax import distributed
 from clipjax import hlo_flops
 from clipjax import metrics as metrics_lib
 from clipjax import mfu as mfu_lib
@@ -193,6 +194,8 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         host.pop("train/finite")
         writer.write(step, host)
 
+    # Compiling, measuring the peak and opening the evaluations take each process its own time.
+    distributed.barrier(f"train-start-{start}")
     try:
         step = start
         for step in range(start, total):
@@ -202,6 +205,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
                     data_iter = _switch_data(data_iter, make_data(stages.data_config(config, new_phase), mesh))
                 phase = new_phase
                 compiled = compiled_for(phase)[0]
+                distributed.barrier(f"train-phase-from-step-{step}")
                 log.info("step %d: image size %d, context length %d, mask ratio %g", step, phase.image_size,
                          phase.context_length, phase.mask_ratio)
             batch = next(data_iter)

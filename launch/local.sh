@@ -52,22 +52,39 @@ tailpid=$!
 # Poll all processes; the first failure kills the rest (a dead peer must not leave others hanging).
 status=0
 declare -A done_=()
-while (( ${#done_[@]} < N )); do
+failed=()
+while (( ${#done_[@]} < N && ${#failed[@]} == 0 )); do
   for ((i = 0; i < N; i++)); do
     [[ -n "${done_[$i]:-}" ]] && continue
     if ! kill -0 "${pids[$i]}" 2>/dev/null; then
       if wait "${pids[$i]}"; then rc=0; else rc=$?; fi
       done_[$i]=$rc
-      if (( rc != 0 )); then
-        status=$rc
-        signal_=KILL  # with a peer gone the collectives cannot finish: a save would only hang
-        echo "clipjax local launch: process $i exited with status $rc; stopping the others (logs in $LOGDIR)" >&2
-        tail -n 20 "$LOGDIR/process_$i.log" >&2 || true
-        break 2
-      fi
+      (( rc != 0 )) && failed+=("$i")
     fi
   done
-  sleep 0.5
+  (( ${#failed[@]} == 0 )) && sleep 0.5
 done
+if (( ${#failed[@]} > 0 )); then
+  # A peer's death makes the others' collectives fail a moment later: let those exit too, then
+  # name first the process whose log was written to last the earliest (it went down first).
+  sleep 1
+  for ((i = 0; i < N; i++)); do
+    if [[ -z "${done_[$i]:-}" ]] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      if wait "${pids[$i]}"; then rc=0; else rc=$?; fi
+      done_[$i]=$rc
+      (( rc != 0 )) && failed+=("$i")
+    fi
+  done
+  mapfile -t failed < <(for i in "${failed[@]}"; do
+    echo "$(stat -c %.9Y "$LOGDIR/process_$i.log" 2>/dev/null || echo 0) $i"; done | sort -n | cut -d' ' -f2)
+  first="${failed[0]}"
+  status="${done_[$first]}"
+  signal_=KILL  # with a peer gone the collectives cannot finish: a save would only hang
+  echo "clipjax local launch: process $first exited with status $status; stopping the others (logs in $LOGDIR)" >&2
+  tail -n 20 "$LOGDIR/process_$first.log" >&2 || true
+  for i in "${failed[@]:1}"; do
+    echo "clipjax local launch: then process $i exited with status ${done_[$i]} (its log: $LOGDIR/process_$i.log)" >&2
+  done
+fi
 kill "$tailpid" 2>/dev/null || true
 exit "$status"

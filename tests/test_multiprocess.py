@@ -168,6 +168,48 @@ def test_a_dead_process_ends_the_launch_and_a_rerun_resumes(data_dir, tmp_path):
     assert max(losses_of(run)) == saved + 4
 
 
+_SLOW_THEN_FAILING = """#!{python}
+import sys, time
+if "--process_id=1" in sys.argv:  # process 1 only: a slow start, then an error at its third step
+    from clipjax import mfu, train
+    peak, to_host, fetched = mfu.peak_flops_per_device, train._to_host, []
+
+    def slow_peak(*args, **kwargs):
+        time.sleep(45)  # longer than gloo waits for a group's first collective (30 s)
+        return peak(*args, **kwargs)
+
+    def failing_to_host(metrics):
+        fetched.append(1)
+        if len(fetched) == 3:
+            open({failed_at!r}, "w").write(str(time.time()))
+            raise RuntimeError("injected failure in process 1")
+        return to_host(metrics)
+
+    mfu.peak_flops_per_device, train._to_host = slow_peak, failing_to_host
+from clipjax.main import train_main
+train_main()
+"""
+
+
+def test_a_slow_start_is_waited_for_and_an_error_in_one_process_ends_the_launch_at_once(data_dir, tmp_path):
+    """Process 1 starts 45 s after process 0 and then raises: the first steps wait for it (a
+    barrier, not gloo's 30 s), and the error exits at once, not after the 5-minute shutdown barrier."""
+    bin_dir, run, failed_at = tmp_path / "bin", str(tmp_path / "run"), tmp_path / "failed_at"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "clipjax-train"
+    wrapper.write_text(_SLOW_THEN_FAILING.format(python=sys.executable, failed_at=str(failed_at)))
+    wrapper.chmod(0o755)
+    cmd = ["bash", LAUNCH, "2", "--devices_per_process=4", f"--port={_free_port()}", "--",
+           *_flags(run, data_dir, 100000, "--config.train.log_every=1")]
+    proc = subprocess.run(cmd, env=dict(_env(), CLIPJAX_BIN=str(bin_dir)), capture_output=True, timeout=900)
+    ended_at = time.time()
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and "process 1 exited with status 1" in err, _launch_logs(err)
+    assert "injected failure in process 1" in err
+    assert max(losses_of(run)) >= 2  # both processes stepped together after the slow start
+    assert ended_at - float(failed_at.read_text()) < 60
+
+
 def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(data_dir, tmp_path):
     """A pod's scheduler may signal one host: all hosts must still save one common step and exit 0."""
     run = str(tmp_path / "run")
