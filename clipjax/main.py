@@ -239,22 +239,22 @@ def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | N
         traceback.print_exc()
         status = 1
     if status not in (None, 0) and _multiprocess():
-        from clipjax import distributed
-
         if not isinstance(status, int):  # sys.exit("message")
             print(status, file=sys.stderr)
             status = 1
-        distributed.exit_at_once(status)
+        from clipjax.distributed import exit_at_once
+
+        exit_at_once(status)  # peers stuck in a collective must not hold this process in jax's shutdown
     sys.exit(status)
 
 
 def _multiprocess() -> bool:
-    """One process of several: an error exit must not wait for peers (``distributed.exit_at_once``)."""
+    """One process of several (``jax.distributed`` is up)."""
     if "jax" not in sys.modules:  # --help, a bad flag: jax never started
         return False
-    from clipjax import distributed
+    from clipjax.distributed import is_multiprocess
 
-    return distributed.is_multiprocess()
+    return is_multiprocess()
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

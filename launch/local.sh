@@ -53,28 +53,25 @@ tailpid=$!
 status=0
 declare -A done_=()
 failed=()
-while (( ${#done_[@]} < N && ${#failed[@]} == 0 )); do
+reap() {  # records the status of every process that has exited since the last call
   for ((i = 0; i < N; i++)); do
     [[ -n "${done_[$i]:-}" ]] && continue
-    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-      if wait "${pids[$i]}"; then rc=0; else rc=$?; fi
-      done_[$i]=$rc
-      (( rc != 0 )) && failed+=("$i")
-    fi
+    kill -0 "${pids[$i]}" 2>/dev/null && continue
+    if wait "${pids[$i]}"; then rc=0; else rc=$?; fi
+    done_[$i]=$rc
+    (( rc != 0 )) && failed+=("$i")
   done
-  (( ${#failed[@]} == 0 )) && sleep 0.5
+  return 0
+}
+while (( ${#done_[@]} < N && ${#failed[@]} == 0 )); do
+  sleep 0.5
+  reap
 done
 if (( ${#failed[@]} > 0 )); then
   # A peer's death makes the others' collectives fail a moment later: let those exit too, then
   # name first the process whose log was written to last the earliest (it went down first).
   sleep 1
-  for ((i = 0; i < N; i++)); do
-    if [[ -z "${done_[$i]:-}" ]] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
-      if wait "${pids[$i]}"; then rc=0; else rc=$?; fi
-      done_[$i]=$rc
-      (( rc != 0 )) && failed+=("$i")
-    fi
-  done
+  reap
   mapfile -t failed < <(for i in "${failed[@]}"; do
     echo "$(stat -c %.9Y "$LOGDIR/process_$i.log" 2>/dev/null || echo 0) $i"; done | sort -n | cut -d' ' -f2)
   first="${failed[0]}"
