@@ -227,7 +227,7 @@ def _eval(cmd: CommandLine) -> None:
 
 def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | None) -> None:
     if argv is None:  # the command line, not a caller in this process
-        host_env.use_huge_pages()
+        host_env.configure()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         status = run_cli(prog, lambda a: app.run(body, argv=[prog, *a], flags_parser=_flags_parser(prog)), argv)

@@ -52,3 +52,4 @@ def test_train_suite_times_the_real_step_on_the_configs_devices(capsys, tmp_path
         assert r["devices"] == 8 and r["batch"] == 16
         assert r["step_s"] > 0 and r["samples_per_s"] == 16 / r["step_s"]
         assert 0 < r["mfu"] <= r["hfu"] and r["GFLOP_model/dev"] > 0 and r["peak_GiB"] > 0
+        assert r["faults/step"] >= 0 and r["kernel_s/step"] >= 0

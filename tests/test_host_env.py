@@ -1,4 +1,4 @@
-"""The command-line tools' opt-in huge-page setting: re-executed once with the tunable, faults actually fewer."""
+"""The command-line tools' host memory settings: re-executed once with them, page faults actually fewer."""
 
 import os
 import subprocess
@@ -8,12 +8,30 @@ import pytest
 
 from clipjax import host_env
 
+# A jitted program whose temporaries (a 6000 x 6000 float32 product, 144 MB) exceed any mmap
+# threshold, run four times after the entry point's call; prints the added variables and the
+# page faults of each call.
+XLA_CHILD = """
+import os, resource
+from clipjax import host_env
+host_env.configure()
+import jax, jax.numpy as jnp
+x = jnp.ones((6000, 64), jnp.float32)
+f = jax.jit(lambda x: (jnp.sin(x @ x.T) @ x).sum())
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(os.environ.get("GLIBC_TUNABLES"), *faults)
+"""
+
 # Writes 256 MiB from glibc's malloc (not numpy, which asks for huge pages itself) after the entry
-# point's call; prints the tunable and the page faults.
-CHILD = """
+# point's call; prints the tunables and the page faults.
+MALLOC_CHILD = """
 import ctypes, os, resource
 from clipjax import host_env
-host_env.use_huge_pages()
+host_env.configure()
 n = 256 << 20
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 libc = ctypes.CDLL(None)
@@ -22,25 +40,57 @@ ctypes.memset(libc.malloc(n), 1, n)
 print(os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
-
-def _child(**env):
-    out = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, **env}, capture_output=True, text=True,
-                         check=True).stdout.split()
-    return out[0], int(out[1])
+linux_glibc = pytest.mark.skipif(not (sys.platform.startswith("linux") and host_env._glibc_version()),
+                                 reason="glibc's tunables: Linux with glibc only")
 
 
-@pytest.mark.skipif(not (host_env._glibc_supports_hugetlb() and host_env._thp_available()),
+def _child(code: str, **env) -> list[str]:
+    env = {k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None}
+    env.pop(host_env.ADDED_MARK, None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+@linux_glibc
+def test_xla_temporaries_are_faulted_in_once_on_cpu():
+    tunables, *faults = _child(XLA_CHILD, GLIBC_TUNABLES=None)
+    off_tunables, *off_faults = _child(XLA_CHILD, CLIPJAX_HEAP_REUSE="0", GLIBC_TUNABLES=None)
+    assert tunables == ":".join(host_env.HEAP_REUSE_TUNABLES) and off_tunables == "None"
+    # 144 MB in 4 KiB pages is ~35,000 faults: every call without the setting, the first ones only with it.
+    assert min(int(f) for f in off_faults) > 30_000
+    assert int(faults[0]) > 30_000 and int(faults[-1]) < 1_000
+
+
+@linux_glibc
+@pytest.mark.skipif(not (host_env._glibc_version() >= (2, 35) and host_env._thp_available()),
                     reason="needs glibc >= 2.35 and transparent huge pages (the setting does nothing elsewhere)")
-def test_command_line_tools_run_large_buffers_on_huge_pages_when_asked():
-    tunables, faults = _child(CLIPJAX_HUGE_PAGES="1")
-    off_tunables, off_faults = _child()
-    assert tunables == host_env.TUNABLE and off_tunables == "None"
+def test_large_buffers_go_on_huge_pages_when_asked():
+    tunables, faults = _child(MALLOC_CHILD, CLIPJAX_HUGE_PAGES="1", CLIPJAX_HEAP_REUSE="0", GLIBC_TUNABLES=None)
+    off_tunables, off_faults = _child(MALLOC_CHILD, CLIPJAX_HEAP_REUSE="0", GLIBC_TUNABLES=None)
+    assert tunables == host_env.HUGE_PAGES_TUNABLE and off_tunables == "None"
     # 256 MiB in 4 KiB pages is 65,536 faults; in 2 MiB pages, about 128.
-    assert off_faults > 60_000 and faults < off_faults / 10
+    assert int(off_faults) > 60_000 and int(faults) < int(off_faults) / 10
+
+
+def test_settings_apply_on_cpu_only_and_the_users_own_tunables_win():
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    if not (sys.platform.startswith("linux") and host_env._glibc_version()):
+        assert host_env.settings(cpu) == {}
+        return
+    reuse = ":".join(host_env.HEAP_REUSE_TUNABLES)
+    assert host_env.settings(cpu) == {"GLIBC_TUNABLES": reuse}
+    assert host_env.settings({"JAX_PLATFORMS": "cuda"}) == {}
+    assert host_env.settings({**cpu, "CLIPJAX_HEAP_REUSE": "0"}) == {}
+    own = {**cpu, "GLIBC_TUNABLES": "glibc.malloc.mmap_max=5"}
+    assert host_env.settings(own) == {"GLIBC_TUNABLES": f"glibc.malloc.mmap_max=5:{host_env.HEAP_REUSE_TUNABLES[1]}"}
 
 
 def test_the_comparison_side_gets_the_users_environment_back():
-    added = {"GLIBC_TUNABLES": f"glibc.malloc.check=0:{host_env.TUNABLE}", host_env.ADDED_MARK: "1", "A": "1"}
-    assert host_env.without_added_tunables(added) == {"GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "1"}
-    users_own = {"GLIBC_TUNABLES": host_env.TUNABLE}
-    assert host_env.without_added_tunables(users_own) == users_own
+    user = {"GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "1"}
+    added = dict(user, GLIBC_TUNABLES="glibc.malloc.check=0:glibc.malloc.mmap_max=0",
+                 **{host_env.ADDED_MARK: '{"GLIBC_TUNABLES": "glibc.malloc.check=0"}'})
+    assert host_env.without_added(added) == user
+    none_before = {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0",
+                   host_env.ADDED_MARK: '{"GLIBC_TUNABLES": null}'}
+    assert host_env.without_added(none_before) == {"A": "1"}
+    assert host_env.without_added(user) == user

@@ -29,7 +29,7 @@ USAGE = "usage: clipjax-bench {" + ",".join(SUITES) + "} [flags]  (SUITE --help 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (2 with one line on stderr for a user error)."""
     if argv is None:  # the command line, not a caller in this process
-        host_env.use_huge_pages()
+        host_env.configure()
     return run_cli("clipjax-bench", _main, argv)
 
 

@@ -13,8 +13,9 @@ Each row reports steady-state step time and samples/s (median of ``--rounds``
 rounds of ``--steps`` steps, after ``--warmup`` steps), model-FLOP utilisation
 (``mfu``: the analytic count of ``clipjax.mfu.clip_train_flops``), hardware-FLOP
 utilisation (``hfu``: XLA's cost analysis of the compiled step, recomputation
-included), compile time and peak memory (compiled estimate; the allocator's peak
-where the backend reports one).
+included), compile time, peak memory (compiled estimate; the allocator's peak
+where the backend reports one), and the process's page faults and kernel seconds a
+step (``getrusage``: what the host's allocator costs, ``clipjax/host_env.py``).
 
 ``--vs=openclip`` builds the same model (widths, depths, heads, patch, context,
 vocabulary, embedding), batch, fp32, AdamW (lr, betas, eps, decay mask) and
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -145,8 +147,8 @@ class OpenClipWorker:
     """The OpenCLIP step in a child process; ``run(n)`` returns the seconds n steps took."""
 
     def __init__(self, spec: dict[str, Any], cores: set[int] | None):
-        # OpenCLIP runs in the environment the user gave, without the tunable clipjax's launcher adds.
-        env = dict(host_env.without_added_tunables(dict(os.environ)), OMP_NUM_THREADS=str(spec["threads"]))
+        # OpenCLIP runs in the environment the user gave, without the settings clipjax's tools add.
+        env = dict(host_env.without_added(dict(os.environ)), OMP_NUM_THREADS=str(spec["threads"]))
         self.proc = subprocess.Popen([sys.executable, "-m", "clipjax.bench.openclip_step", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
@@ -242,14 +244,17 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
                 next_batch = lambda: next(it)
             else:
                 raise SystemExit(f"--data={data!r}: choose excluded or included")
-            box = [state]
+            box, usage = [state], []  # usage: (page faults, kernel seconds) a step, each round
 
             def run_round(n=args.steps):
-                t = time.perf_counter()
+                before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 for _ in range(n):
                     box[0], _ = compiled(box[0], next_batch())
                 jax.block_until_ready(box[0])
-                return time.perf_counter() - t
+                elapsed, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+                per = max(n, 1)
+                usage.append(((after.ru_minflt - before.ru_minflt) / per, (after.ru_stime - before.ru_stime) / per))
+                return elapsed
 
             run_round(args.warmup)
             other = (lambda: worker.run(args.steps)) if worker is not None and data == "excluded" else None
@@ -263,6 +268,8 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
             if theirs:
                 row["openclip_samples_per_s"] = batch_size * args.steps / statistics.median(theirs)
                 row["vs_openclip"] = statistics.median(t / m for m, t in zip(mine, theirs))
+            row["faults/step"] = statistics.median(u[0] for u in usage[1:])  # after the warm-up round
+            row["kernel_s/step"] = statistics.median(u[1] for u in usage[1:])
             row["GFLOP_model/dev"] = model_flops / 1e9
             row["GFLOP_hw/dev"] = (hw_flops or float("nan")) / 1e9
             row["peak_source"] = peak_source
