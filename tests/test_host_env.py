@@ -9,7 +9,7 @@ import pytest
 from clipjax import host_env
 
 # A jitted program whose temporaries (a 6000 x 6000 float32 product, 144 MB) exceed any mmap
-# threshold, run four times after the entry point's call; prints the added variables and the
+# threshold, run 30 times after the entry point's call; prints the added variables and the
 # page faults of each call.
 XLA_CHILD = """
 import os, resource
@@ -19,7 +19,7 @@ import jax, jax.numpy as jnp
 x = jnp.ones((6000, 64), jnp.float32)
 f = jax.jit(lambda x: (jnp.sin(x @ x.T) @ x).sum())
 faults = []
-for _ in range(4):
+for _ in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -56,9 +56,12 @@ def test_xla_temporaries_are_faulted_in_once_on_cpu():
     tunables, *faults = _child(XLA_CHILD, GLIBC_TUNABLES=None)
     off_tunables, *off_faults = _child(XLA_CHILD, CLIPJAX_HEAP_REUSE="0", GLIBC_TUNABLES=None)
     assert tunables == ":".join(host_env.HEAP_REUSE_TUNABLES) and off_tunables == "None"
-    # 144 MB in 4 KiB pages is ~35,000 faults: every call without the setting, the first ones only with it.
+    # 144 MB in 4 KiB pages is ~35,000 faults: every call without the setting. With it, the
+    # first call and a few more until the heap's layout settles (a small allocation landing in
+    # the freed block makes the heap grow once more): 2-5 of 30 calls, with 1 and 8 devices.
     assert min(int(f) for f in off_faults) > 30_000
-    assert int(faults[0]) > 30_000 and int(faults[-1]) < 1_000
+    faulting = [i for i, f in enumerate(faults) if int(f) > 1_000]
+    assert faulting[:1] == [0] and len(faulting) <= 10, faults
 
 
 @linux_glibc
