@@ -70,15 +70,13 @@ def settings(env: dict[str, str]) -> dict[str, str]:
         return {}
     user_tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     user_keys = {t.split("=")[0] for t in user_tunables}
-    tunables, out = [], {}
+    tunables = []
     if env.get("CLIPJAX_HEAP_REUSE", "1") != "0" and jax_runs_on_cpu(env):
         tunables += HEAP_REUSE_TUNABLES
     if env.get("CLIPJAX_HUGE_PAGES", "0") == "1" and _glibc_version() >= (2, 35) and _thp_available():
         tunables.append(HUGE_PAGES_TUNABLE)
     tunables = [t for t in tunables if t.split("=")[0] not in user_keys]  # the user's own values win
-    if tunables:
-        out["GLIBC_TUNABLES"] = ":".join(user_tunables + tunables)
-    return out
+    return {"GLIBC_TUNABLES": ":".join(user_tunables + tunables)} if tunables else {}
 
 
 def configure() -> None:
