@@ -1,48 +1,16 @@
 """Converters: real bad files in tmp dirs, exact summary counts, records read back via grain, resume."""
 
-import io
 import json
 import os
 import shutil
-import tarfile
 
-import grain
 import pytest
 
 from clipjax.data import records
 from clipjax.data.cli import main as cli_main
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_coco, convert_csv, convert_wds, is_unsafe_member
 from clipjax.data.images import load_rgb
-from test_images import broken_images, sample_images
-
-
-def read_back(out_dir, split="train"):
-    paths = records.shard_paths(str(out_dir), split)
-    src = grain.sources.ArrayRecordDataSource(paths)
-    return [records.decode(src[i]) for i in range(len(src))]
-
-
-def make_csv_dataset(root):
-    """15 distinct image paths: 9 usable (4 need re-encoding), 6 to skip for 4 reasons."""
-    imgs = root / "imgs"
-    imgs.mkdir()
-    good, bad = sample_images(), broken_images()
-    files = {"a.jpg": good["jpeg"], "b.png": good["png"], "c.webp": good["webp"], "d.jpg": good["cmyk"],
-             "e.jpg": good["gray"], "f.png": good["palette_transparent"], "g.png": good["rgba"],
-             "h.png": good["gray16"], "k.jpg": good["jpeg"], "n.jpg": good["jpeg"], "l.jpg": good["jpeg"],
-             "t.jpg": bad["truncated"], "r.jpg": bad["random"], "z.jpg": b""}
-    for name, data in files.items():
-        (imgs / name).write_bytes(data)
-    rows = [(f"imgs/{n}", f"caption of {n[0]}".encode()) for n in files if n[0] in "abcdefgh"]
-    rows += [("imgs/a.jpg", b"second caption, with comma"),  # merged into a.jpg's example
-             ("imgs/k.jpg", b"   "),  # empty after cleaning -> no_caption
-             ("imgs/n.jpg", b"caf\xe9 latin-1"),  # not UTF-8 -> bad_caption
-             ("imgs/l.jpg", ("long " * 20000).encode()),  # 100k chars -> cut
-             ("imgs/t.jpg", b"truncated"), ("imgs/r.jpg", b"random bytes"), ("imgs/z.jpg", b"empty file"),
-             (str(imgs / "m.jpg"), b"missing, absolute path")]
-    lines = [b"filepath,title"] + [p.encode() + b',"' + c + b'"' for p, c in rows]
-    (root / "data.csv").write_bytes(b"\n".join(lines) + b"\n")
-    return root / "data.csv"
+from helpers import make_csv_dataset, make_tars, read_back, sample_images
 
 
 CSV_SKIPPED = {"bad_image": 3, "missing_image": 1, "no_caption": 1, "bad_caption": 1}
@@ -118,35 +86,6 @@ def test_coco(tmp_path):
     assert s["written"] == 2 and s["skipped"] == {"no_caption": 1, "missing_image": 1} and s["reencoded"] == 1
     exs = read_back(tmp_path / "out")
     assert [(e.key, len(e.captions)) for e in exs] == [("1", 5), ("2", 1)]
-
-
-def _add(tar, name, data, kind=tarfile.REGTYPE):
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    if kind == tarfile.SYMTYPE:
-        info.linkname = "/etc/passwd"
-        tar.addfile(info)
-        return
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def make_tars(root):
-    good, bad = sample_images(), broken_images()
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        _add(tar, "00000/000.jpg", good["jpeg"]), _add(tar, "00000/000.txt", b"a red thing")
-        _add(tar, "00000/001.png", good["png"]), _add(tar, "00000/001.json", b'{"caption": "from json", "url": "u"}')
-        _add(tar, "00000/002.webp", good["webp"]), _add(tar, "00000/002.txt", b"txt wins")
-        _add(tar, "00000/002.json", b'{"caption": "json loses"}')
-        _add(tar, "00000/003.jpg", bad["truncated"]), _add(tar, "00000/003.txt", b"broken image")
-        _add(tar, "00000/004.txt", b"caption without image")
-        _add(tar, "../evil.jpg", good["jpeg"]), _add(tar, "/abs/evil.jpg", good["jpeg"])
-        _add(tar, "00000/../../escape.txt", b"x"), _add(tar, "00000/link.jpg", b"", tarfile.SYMTYPE)
-        _add(tar, "00000/005.jpg", good["cmyk"]), _add(tar, "00000/005.txt", b"\xff\xfe bad utf8")
-    with tarfile.open(root / "00001.tar", "w") as tar:
-        _add(tar, "100.jpg", good["gray"]), _add(tar, "100.txt", b"gray")
-        _add(tar, "101.png", good["gray16"]), _add(tar, "101.txt", b"sixteen bit")
-    return root
 
 
 def test_wds(tmp_path):

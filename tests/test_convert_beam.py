@@ -14,7 +14,7 @@ from clipjax.data import records
 from clipjax.data.config import data_config
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_csv, convert_wds
 from clipjax.data.train_input import make_train_iterator
-from test_convert import make_csv_dataset, make_tars
+from helpers import make_csv_dataset, make_tars
 
 pytestmark = pytest.mark.slow  # each Beam pipeline takes seconds to start
 

@@ -9,8 +9,7 @@ import pytest
 
 from clipjax.data.cli import main as cli_main
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_coco, convert_csv, convert_wds
-from test_convert import _add, make_csv_dataset, read_back
-from test_images import sample_images
+from helpers import add_member, make_csv_dataset, read_back, sample_images
 
 
 def _csv(root, body: bytes, name="d.csv"):
@@ -78,10 +77,10 @@ def test_coco_malformed_entries_are_named(tmp_path, meta, message):
 def test_tar_duplicate_keys_are_counted(tmp_path):
     jpeg = sample_images()["jpeg"]
     with tarfile.open(tmp_path / "t.tar", "w") as tar:
-        _add(tar, "a.jpg", jpeg), _add(tar, "a.txt", b"first a")
-        _add(tar, "b.jpg", jpeg), _add(tar, "b.txt", b"b")
-        _add(tar, "a.jpg", jpeg), _add(tar, "a.txt", b"a again, later")  # key a seen before
-        _add(tar, "c.jpg", jpeg), _add(tar, "c.jpg", jpeg), _add(tar, "c.txt", b"c")  # c.jpg twice in a row
+        add_member(tar, "a.jpg", jpeg), add_member(tar, "a.txt", b"first a")
+        add_member(tar, "b.jpg", jpeg), add_member(tar, "b.txt", b"b")
+        add_member(tar, "a.jpg", jpeg), add_member(tar, "a.txt", b"a again, later")  # key a seen before
+        add_member(tar, "c.jpg", jpeg), add_member(tar, "c.jpg", jpeg), add_member(tar, "c.txt", b"c")  # c.jpg twice in a row
     s = convert_wds([str(tmp_path / "t.tar")], ConvertOptions(out_dir=str(tmp_path / "o"), max_skip_fraction=1))
     assert s["skipped"] == {"duplicate_key": 2, "no_caption": 1}
     assert [(e.key, e.captions) for e in read_back(tmp_path / "o")] == [("t/a", ["first a"]), ("t/b", ["b"])]
@@ -90,8 +89,8 @@ def test_tar_duplicate_keys_are_counted(tmp_path):
 def test_oversized_inputs_are_skipped_unread(tmp_path):
     big = 32 * 2**20
     with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tar:  # ~32 KiB on disk
-        _add(tar, "a.jpg", sample_images()["jpeg"]), _add(tar, "a.txt", b"\0" * big)
-        _add(tar, "b.jpg", sample_images()["jpeg"]), _add(tar, "b.txt", b"fine")
+        add_member(tar, "a.jpg", sample_images()["jpeg"]), add_member(tar, "a.txt", b"\0" * big)
+        add_member(tar, "b.jpg", sample_images()["jpeg"]), add_member(tar, "b.txt", b"fine")
     opts = ConvertOptions(out_dir=str(tmp_path / "o"), max_input_bytes=2**20, max_skip_fraction=1)
     tracemalloc.start()
     try:

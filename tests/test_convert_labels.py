@@ -9,8 +9,7 @@ from clipjax.data.cli import main as cli_main
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_coco, convert_csv
 from clipjax.data.sources import open_source
 from clipjax.evals.classnames import get_classnames
-from test_convert import read_back
-from test_images import sample_images
+from helpers import read_back, sample_images
 
 
 def _labelled_csv(root, rows, name="data.csv"):

@@ -7,53 +7,7 @@ import pytest
 from PIL import Image
 
 from clipjax.data.images import BadImage, load_rgb, prepare
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def gradient(w: int = 64, h: int = 48) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 128)], -1).astype(np.uint8)
-
-
-def sample_images() -> dict[str, bytes]:
-    """One encoded image per case the converters must handle (all 64x48 unless noted)."""
-    rgb = Image.fromarray(gradient())
-    palette = Image.new("P", (64, 48), 1)
-    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
-    palette.paste(0, (0, 0, 32, 48))
-    rgba = np.zeros((48, 64, 4), np.uint8)
-    rgba[..., 0] = 255
-    rgba[:, 32:, 3] = 255  # left half transparent red -> white, right half opaque red
-    g16 = (np.arange(64 * 48).reshape(48, 64) * 21).astype(np.uint16)  # spans 0..64491
-    return {
-        "jpeg": encode(rgb, "JPEG", quality=95),
-        "png": encode(rgb, "PNG"),
-        "webp": encode(rgb, "WEBP", quality=90),
-        "cmyk": encode(rgb.convert("CMYK"), "JPEG", quality=95),
-        "gray": encode(rgb.convert("L"), "JPEG", quality=95),
-        "gray_alpha": encode(rgb.convert("LA"), "PNG"),
-        "palette_transparent": encode(palette, "PNG", transparency=0),
-        "rgba": encode(Image.fromarray(rgba, "RGBA"), "PNG"),
-        "gray16": encode(Image.fromarray(g16), "PNG"),
-        "gif": encode(palette, "GIF"),
-    }
-
-
-def broken_images() -> dict[str, bytes]:
-    good = sample_images()["jpeg"]
-    rng = np.random.default_rng(0)
-    return {
-        "truncated": good[: len(good) // 2],
-        "random": rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
-        "empty": b"",
-        "text": b"<html>not an image</html>",
-        "header_only": good[:200],
-    }
+from helpers import broken_images, encode, gradient, sample_images
 
 
 @pytest.mark.parametrize("name", list(sample_images()))

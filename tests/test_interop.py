@@ -324,7 +324,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_trained_model_exports_and_openclip_embeds_the_same(oc, data_dir, tmp_path):
-    from test_train import smoke
+    from helpers import smoke
 
     from clipjax.train import train
 

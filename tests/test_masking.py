@@ -13,7 +13,7 @@ from clipjax.models import CLIP
 from clipjax.models.layers import LayerNorm, Transformer
 from clipjax.models.towers import MapHead
 from clipjax.train_step import init_state, loss_and_grads, make_setup, mask_rng, patch_keep
-from test_train_step import make_batch, tiny_config
+from helpers import make_batch, tiny_config
 
 
 def masked_config(pool="tok", ratio=0.5, **overrides):

@@ -7,7 +7,7 @@ from clipjax import mfu as mfu_lib
 from clipjax import sharding
 from clipjax.config import base_config, validate
 from clipjax.train_step import compile_train_step, make_setup
-from tests.test_train_step import tiny_config
+from helpers import tiny_config
 
 
 def _hand_count_b32_forward_per_example() -> tuple[int, int]:

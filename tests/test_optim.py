@@ -14,7 +14,7 @@ from flax import linen as nn
 from clipjax import optim
 from clipjax.config import base_config, validate
 from clipjax.models import build_model, dummy_inputs
-from test_train_step import tiny_config
+from helpers import tiny_config
 
 
 def _tiny(**optim_overrides):

@@ -17,7 +17,7 @@ from clipjax.models import build_model, dummy_inputs, posemb
 from clipjax.models import towers
 from clipjax.train import _default_data_iterator, train
 from clipjax.train_step import init_state, make_setup
-from test_train_step import tiny_config
+from helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -13,22 +12,14 @@ import numpy as np
 import pytest
 
 from clipjax import checkpoint as ckpt_lib
-from clipjax.config import load_config
 from clipjax.report import read_metrics
 from clipjax.train import NonFiniteError, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "demo.py")
+from helpers import DEMO, smoke
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
-
-
-def smoke(data_dir, *overrides, arg=""):
-    spec = f"{DEMO}:smoke,data={data_dir}" + (f",{arg}" if arg else "")
-    return load_config(spec, list(overrides))
 
 
 def losses_of(workdir):

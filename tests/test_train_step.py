@@ -9,51 +9,9 @@ import optax
 import pytest
 
 from clipjax import sharding
-from clipjax.config import base_config, validate
-from clipjax.train_step import batch_spec, compile_train_step, init_state, make_setup
-
-
-def tiny_config(batch=16, **overrides):
-    c = base_config()
-    c.model.size = "tiny"
-    c.model.dtype = "float32"
-    c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
-    c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64, vocab_size=259, context_length=8)
-    c.model.embed_dim = 16
-    c.loss.impl = "dense"
-    c.train.batch_size = batch
-    c.train.steps = 10
-    c.optim.warmup_steps = 1
-    c.optim.lr = 1e-2
-    c.update_from_flattened_dict(overrides)
-    return c
-
-
-def make_batch(c, seed):
-    rng = np.random.default_rng(seed)
-    b, t = c.train.batch_size, c.model.text.context_length
-    p = batch_spec(validate(c))["image"][0][0]
-    ids = rng.integers(1, c.model.text.vocab_size - 1, size=(b, t)).astype(np.int32)
-    ids[:, -1] = c.model.text.vocab_size - 1
-    top_left = rng.uniform(0, p / 4, size=(b, 2))
-    box = np.concatenate([top_left, top_left + rng.uniform(p / 2, 3 * p / 4, size=(b, 2))], axis=1)
-    return {"image": rng.integers(0, 256, size=(b, p, p, 3), dtype=np.uint8), "image_box": box.astype(np.float32),
-            "image_hw": np.full((b, 2), p, np.int32), "text": ids}
-
-
-def run_steps(c, batches, devices):
-    validate(c, len(devices))
-    mesh = sharding.mesh_from_config(c.mesh, devices)
-    setup = make_setup(c, mesh)
-    state = init_state(setup, c.seed)
-    step = compile_train_step(setup)
-    shardings = setup.batch_shardings()
-    history = []
-    for batch in batches:
-        batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-        state, metrics = step(state, batch)
-        history.append(jax.device_get(metrics))
-    return state, history
+from clipjax.config import validate
+from clipjax.train_step import compile_train_step, init_state, make_setup
+from helpers import make_batch, run_steps, tiny_config
 
 
 def _max_rel(a, b):
