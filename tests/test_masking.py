@@ -12,6 +12,7 @@ from clipjax.data import resize
 from clipjax.models import CLIP
 from clipjax.models.layers import LayerNorm, Transformer
 from clipjax.models.towers import MapHead
+from clipjax.models import random_keep
 from clipjax.train_step import init_state, loss_and_grads, make_setup, mask_rng, patch_keep
 from helpers import make_batch, tiny_config
 
@@ -85,9 +86,14 @@ def test_masked_step_gradients_equal_hand_gathered_reference(devices, pool, rati
         return (keep, *loss_and_grads(setup, state.params, batch, keep, phase))
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-        keep, loss, _, grads = jax.jit(step_grads)(state, batch)
+        keep, loss, _, grads = jax.jit(step_grads)(state.replace(step=jnp.int32(3)), batch)
     keep = np.asarray(keep)
     num_keep = int(16 * (1 - ratio))
+    # Step 3's masks come from fold_in(fold_in(key(seed), 1), 3): another draw than step 0's.
+    hand_keep = lambda step: np.asarray(random_keep(
+        jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), 1), step), b, 16, num_keep))
+    np.testing.assert_array_equal(keep, hand_keep(3))
+    assert np.any(hand_keep(0) != hand_keep(3))
     assert keep.shape == (b, num_keep)
     assert all(len(set(row)) == num_keep for row in keep.tolist())  # distinct patches per example
     assert len({tuple(row) for row in keep.tolist()}) > 1  # a subset per example, not one for all

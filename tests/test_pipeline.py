@@ -115,6 +115,19 @@ def test_shuffle_order_depends_on_seed_only(shards):
     np.testing.assert_array_equal(plain, np.arange(40) % N)
 
 
+def test_each_epoch_draws_new_crops_and_captions(shards):
+    """Unshuffled, record i is at position i (epoch 0) and i + N (epoch 1): another crop, another caption."""
+    rows = {k: np.concatenate([np.asarray(b[k]) for b in _take(_train(_cfg(shards, shuffle=False)), 10)])
+            for k in ("image", "image_box", "text")}
+    assert np.array_equal(_index_of(rows["image"][N:2 * N]), np.arange(N))  # the same records, one epoch later
+    first, second = slice(0, N), slice(N, 2 * N)
+    new_box = np.any(rows["image_box"][first] != rows["image_box"][second], axis=1)
+    new_text = np.any(rows["text"][first] != rows["text"][second], axis=1)
+    # Crops of 20x14 px images take few distinct integer boxes; the same seed gives none (0 of N).
+    assert new_box.mean() > 0.15
+    assert 0.4 < new_text.mean() < 0.9  # another of 3 captions about 2/3 of the time
+
+
 def _assert_same(xs: list[dict], ys: list[dict]) -> None:
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys):

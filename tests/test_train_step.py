@@ -81,24 +81,28 @@ def test_fsdp_shards_params_and_optimizer_state(devices):
 
 
 def test_nan_batch_is_skipped_without_touching_weights(devices):
-    c = tiny_config(**{"optim.warmup_steps": 0})
+    # Warmup over 4 steps: lr = 1e-2 * n / 4 after n applied updates, so a skipped step shows in the lr.
+    c = tiny_config(**{"optim.warmup_steps": 4})
     validate(c, 8)
     setup = make_setup(c, sharding.mesh_from_config(c.mesh, devices))
     state = init_state(setup, 0)
     step = compile_train_step(setup)
     sh = setup.batch_shardings()
+    put = lambda batch: {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+    state, m0 = step(state, put(make_batch(c, 2)))
     before = jax.device_get((state.params, state.opt_state))
     bad = make_batch(c, 0)
     bad["image_box"][3, 0] = np.nan  # NaN crop -> NaN image
-    state, m = step(state, {k: jax.device_put(v, sh[k]) for k, v in bad.items()})
+    state, m = step(state, put(bad))
     after = jax.device_get((state.params, state.opt_state))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after, before)
     assert not bool(m["train/finite"]) and int(m["train/consecutive_skips"]) == 1
-    assert int(state.step) == 1
-    good = make_batch(c, 1)
-    state, m = step(state, {k: jax.device_put(v, sh[k]) for k, v in good.items()})
+    assert int(state.step) == 2
+    state, m = step(state, put(make_batch(c, 1)))
     assert bool(m["train/finite"]) and int(m["train/consecutive_skips"]) == 0 and int(m["train/skipped_steps"]) == 1
     assert _max_rel(jax.device_get(state.params), before[0]) > 0
+    # The logged lr is the optimizer's: 1 update applied before the third step (not 2 steps taken).
+    assert [float(m0["train/lr"]), float(m["train/lr"])] == pytest.approx([0.0, 1e-2 / 4], abs=1e-9)
 
 
 def test_logit_scale_is_clamped_after_update(devices):
