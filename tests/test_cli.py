@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from clipjax import config as config_lib
-from clipjax.errors import closest
+from clipjax.errors import UserError, closest, run_cli
 from clipjax.main import eval_main, train_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,6 +35,15 @@ def test_closest_names_by_spelling_and_initials():
     assert closest("learning_rate", ["lr", "b1", "warmup_steps"]) == ["lr"]
     assert closest("warmup_step", ["lr", "warmup_steps"]) == ["warmup_steps"]
     assert closest("zzz", ["lr", "warmup_steps"]) == []
+
+
+def test_a_multi_line_error_prints_as_one_line(capsys):
+    def main(argv):
+        raise UserError("data.path '/x' holds no shards\n  make them with:\n\n  clipjax-data synth --out=/x\n")
+
+    assert run_cli("clipjax-x", main, []) == 2
+    assert capsys.readouterr().err == ("clipjax-x: error: data.path '/x' holds no shards; make them with:; "
+                                       "clipjax-data synth --out=/x\n")
 
 
 @pytest.mark.parametrize("argv, hints", [

@@ -63,13 +63,14 @@ def _b32_flops_before_and_after(field: str, value) -> tuple[float, float]:
     return before, mfu_lib.clip_train_flops(c.model, 8)
 
 
-def test_map_pooling_adds_its_head():
-    tok, map_ = _b32_flops_before_and_after("pool", "map")
+@pytest.mark.parametrize("pool", ["map", "gap"])
+def test_pooling_every_token_computes_every_row_of_the_last_block(pool):
+    tok, other = _b32_flops_before_and_after("pool", pool)
     d, t, mlp = 768, 50, 3072
-    head = 2 * d * d + 2 * (2 * t * d * d) + 2 * (2 * t * d) + 2 * d * d + 2 * (2 * d * mlp)
-    # The probe reads every token, so the last block computes the T-1 rows "tok" skipped.
+    # The probe (map) or the mean (gap) reads every token, so the last block computes the T-1 rows "tok" skips.
     rows = (t - 1) * (2 * (2 * d * d + 2 * d * mlp) + 4 * t * d)
-    assert map_ - tok == 3 * 8 * (head + rows)
+    head = 2 * d * d + 2 * (2 * t * d * d) + 2 * (2 * t * d) + 2 * d * d + 2 * (2 * d * mlp) if pool == "map" else 0
+    assert other - tok == 3 * 8 * (head + rows)
 
 
 def test_flip_masking_counts_the_kept_patches_only():
