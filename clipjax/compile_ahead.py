@@ -89,7 +89,7 @@ def _quiet_stderr():
 def target_devices(target: Target) -> list:
     """The devices to compile for. CPU: call before the CPU backend starts (it reads XLA_FLAGS once)."""
     if target.platform == "cpu":
-        from clipjax.bench import simulated_cpu_devices
+        from clipjax.host_env import simulated_cpu_devices
 
         return simulated_cpu_devices(target.num_devices)
     import importlib.util
@@ -269,3 +269,27 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     if note:
         row["note"] = note
     return row
+
+
+def print_plan(config, target_spec: str | None, prog: str) -> int:
+    """Prints ``plan`` of ``config`` for ``--target=target_spec`` (default: this machine's devices) as a
+    table; 1 with a one-line reason on stderr when it does not fit, else 0."""
+    import sys
+
+    from clipjax.progress import format_cell, table_lines
+
+    target = parse_target(target_spec) if target_spec else None
+    if target is not None:
+        devices = target_devices(target)
+    else:
+        import jax
+
+        devices = jax.devices()
+    row = plan(config, devices)
+    print("\n".join(table_lines([{"target": str(target or devices[0].platform), **row}], fmt=format_cell)))
+    if row["fits"]:
+        return 0
+    print(f"{prog}: does not fit: {row['mesh']} needs {row['peak_GiB']:.1f} GiB per device, "
+          f"{row['device']} has {row['hbm_GiB']:.1f} GiB (try model.remat=full, train.grad_accum or a wider fsdp)",
+          file=sys.stderr)
+    return 1

@@ -61,8 +61,3 @@ def name_suffix(differences: dict[str, tuple[Any, Any]], max_chars: int = 80) ->
         safe = safe[:max_chars - 9] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return "-" + safe
 
-
-if __name__ == "__main__":
-    from clipjax.main import eval_main
-
-    eval_main()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -143,21 +142,6 @@ def _print_config(config) -> None:
     print(config_lib.to_text(config))
 
 
-def _check_data(spec: str, config) -> None:
-    """A missing data folder, named with the config argument that sets it."""
-    data = config.data
-    if data.source != "arrayrecord":
-        return
-    path, _, arg = spec.partition(":")
-    if not data.path:
-        arg = ",".join([a for a in arg.split(",") if a] + ["data=/path/to/shards"])
-        raise UserError(f"{path} needs data=DIR (the folder written by clipjax-data convert): "
-                        f"--config={path}:{arg} (or --config.data.path=DIR)")
-    if "://" not in data.path and not os.path.isdir(data.path):
-        raise UserError(f"data.path={data.path}: no such folder; convert data there with clipjax-data convert "
-                        f"or point {path}:data=DIR at the folder of shards")
-
-
 def _setup(cmd: CommandLine) -> None:
     from clipjax import distributed
 
@@ -173,30 +157,11 @@ def _setup(cmd: CommandLine) -> None:
 
 
 def _compile_only(cmd: CommandLine, config) -> int:
-    """Prints the compile-ahead plan of ``config`` for ``--target``; 1 when it does not fit."""
     from clipjax import compile_ahead
-    from clipjax.bench.table import emit
 
     if cmd.args:
         raise UserError(f"unexpected arguments: {' '.join(cmd.args)} (flags are --name=VALUE; see {cmd.prog} --help)")
-    try:
-        target = compile_ahead.parse_target(_TARGET.value) if _TARGET.value else None
-        if target is not None:
-            devices = compile_ahead.target_devices(target)
-        else:
-            import jax
-
-            devices = jax.devices()
-    except compile_ahead.TargetError as e:
-        raise UserError(str(e)) from None
-    row = compile_ahead.plan(config, devices)
-    emit([{"target": str(target or devices[0].platform), **row}])
-    if row["fits"]:
-        return 0
-    print(f"{cmd.prog}: does not fit: {row['mesh']} needs {row['peak_GiB']:.1f} GiB per device, "
-          f"{row['device']} has {row['hbm_GiB']:.1f} GiB (try model.remat=full, train.grad_accum or a wider fsdp)",
-          file=sys.stderr)
-    return 1
+    return compile_ahead.print_plan(config, _TARGET.value, cmd.prog)
 
 
 def _train(cmd: CommandLine) -> None:
@@ -208,7 +173,9 @@ def _train(cmd: CommandLine) -> None:
     if _TARGET.value:
         raise UserError(f"--target applies with --compile_only only: {cmd.prog} --config={cmd.spec} "
                         f"--compile_only --target={_TARGET.value}")
-    _check_data(cmd.spec, config)
+    from clipjax.data.config import check_data_folder
+
+    check_data_folder(config.data, cmd.spec)
     _setup(cmd)
     from clipjax import train
 

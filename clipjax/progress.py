@@ -23,7 +23,7 @@ import numbers
 import shutil
 import sys
 import time
-from typing import Any, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 ETA_KEY = "train/eta_sec"  # when the caller provides it, it is shown as the ETA rather than estimated
 LOSS_KEY = "train/loss"
@@ -58,6 +58,32 @@ def format_value(value: Any) -> str:
             return f"{v:.1e}"
         return f"{v:.4f}"
     return str(value)
+
+
+def format_cell(value: Any) -> str:
+    """A table cell: floats to 4 significant digits (``1.235e+07`` from 1e5 up), anything else as ``str``."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+    return str(value)
+
+
+def table_lines(rows: Sequence[Mapping[str, Any]], *, fmt: Callable[[Any], str] = format_value, header: bool = True,
+                markdown: bool = False) -> list[str]:
+    """The one table layout: columns are the union of the rows' keys (first seen first), cells ``fmt(value)``.
+
+    Plain: left-aligned columns two spaces apart under a header and a dashed rule (``header``);
+    ``markdown``: ``| a | b |`` rows under ``|---|---|``.
+    """
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    cells = [[fmt(r[c]) if c in r else "" for c in cols] for r in rows]
+    if markdown:
+        row = lambda line: "| " + " | ".join(line) + " |"
+        return [row(cols), "|" + "---|" * len(cols)] + [row(line) for line in cells]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ([cols, ["-" * w for w in widths]] if header else []) + cells
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
 
 
 def _finite(value: Any) -> float | None:
@@ -143,10 +169,9 @@ class Progress:
         """Prints ``values`` as an aligned two-column table under ``== title (step N) ==``."""
         if not self.enabled:
             return
-        width = max([len(str(k)) for k in values] + [len("metric")])
-        lines = [f"== {title}" + (f" (step {step})" if step is not None else "") + " =="]
-        lines += [f"  {str(k):<{width}}  {format_value(v)}" for k, v in values.items()]
-        self.note("\n".join(lines))
+        rows = table_lines([{"metric": str(k), "value": v} for k, v in values.items()], header=False)
+        self.note("\n".join([f"== {title}" + (f" (step {step})" if step is not None else "") + " =="]
+                             + [f"  {line}" for line in rows]))
 
     def end_bar(self) -> None:
         """Closes the bar (leaving its last state on screen) so that later output starts on a fresh line."""

@@ -11,7 +11,7 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
-from clipjax.data import records, synth
+from clipjax.data import cli as data_cli, records, synth
 
 SMALL = {"num_train": 120, "num_heldout": 48, "image_size": 32, "seed": 0, "num_train_shards": 2, "jpeg_quality": 90}
 
@@ -45,7 +45,7 @@ def _files(folder: str) -> dict[str, bytes]:
 
 
 def test_same_seed_gives_identical_bytes(small, tmp_path):
-    assert synth.main(["--out", str(tmp_path / "b")] + [f"--{k}={v}" for k, v in SMALL.items()]) == 0
+    assert data_cli.main(["synth", "--out", str(tmp_path / "b")] + [f"--{k}={v}" for k, v in SMALL.items()]) == 0
     assert _files(small) == _files(str(tmp_path / "b"))
     other = synth.make_example(1, synth.SPLIT_TRAIN, 0, 32, 90)
     assert other.image != synth.make_example(0, synth.SPLIT_TRAIN, 0, 32, 90).image

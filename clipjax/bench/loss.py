@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from clipjax.bench import simulated_cpu_devices
+from clipjax.host_env import simulated_cpu_devices
 from clipjax.errors import ArgumentParser
 
 

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from clipjax.progress import format_cell, table_lines
+
 
 def environment() -> dict[str, Any]:
     """Where and when a figure was measured (recorded next to every result)."""
@@ -25,12 +27,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.4e}"
-    return str(v)
-
-
 def emit(rows: Sequence[dict[str, Any]], as_json: bool = False, out=None) -> None:
     """Prints rows as a table (columns = union of keys, in first-seen order) or JSON to ``out``
     (default: ``sys.stdout`` as it is now, not as it was at import)."""
@@ -39,12 +35,5 @@ def emit(rows: Sequence[dict[str, Any]], as_json: bool = False, out=None) -> Non
         json.dump({"environment": environment(), "rows": list(rows)}, out, indent=1)
         out.write("\n")
         return
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    out.write("  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    for row in cells:
-        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "\n")
+    for line in table_lines(rows, fmt=format_cell):
+        out.write(line + "\n")

@@ -42,7 +42,7 @@ import tempfile
 import time
 from typing import Any
 
-from clipjax import bench, host_env
+from clipjax import host_env
 from clipjax.errors import ArgumentParser
 
 
@@ -299,11 +299,11 @@ def main(argv: list[str]) -> int:
     # On CPU the step runs on the devices its config was written for (simulated ones, as
     # `make demo` runs): many small ops keep both cores busier split over devices.
     wanted = args.devices or config_device_count(args)
-    bench.request_cpu_devices(wanted)
+    host_env.request_cpu_devices(wanted)
     import jax
 
     if jax.default_backend() == "cpu":
-        devices = bench.cpu_devices(wanted)
+        devices = host_env.cpu_devices(wanted)
     else:
         devices = jax.devices()[:args.devices] if args.devices else jax.devices()
     from clipjax.bench.table import emit

@@ -4,7 +4,7 @@
   clipjax-data convert coco   --json FILE --images DIR --out DIR
   clipjax-data convert folder ROOT --out DIR [--caption_template "a photo of a {}."]
   clipjax-data convert wds    --tars TAR|GLOB|DIR [...] --out DIR
-  clipjax-data synth --out DIR [...]   (see clipjax-data synth --help)
+  clipjax-data synth --out DIR [--num_train N --num_heldout M --image_size S --seed K ...]
 
 Add --runner=NAME to run a conversion as an Apache Beam pipeline (pip install clipjax[beam]);
 other --flags after it are Beam pipeline options (e.g. --direct_num_workers=4, --project=...).
@@ -82,9 +82,32 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--tars", required=True, nargs="+", help="tar files, globs or folders of *.tar")
     _common(w, per_shard=False)
 
-    sub.add_parser("synth", help="write the synthetic shapes dataset (arguments: clipjax-data synth --help)",
-                   add_help=False)
+    from clipjax.data.config import synth_config
+
+    d = synth_config()
+    s = sub.add_parser("synth", help="write the synthetic shapes dataset")
+    s.add_argument("--out", required=True, help="folder to write the shards and info.json into")
+    for key in ("num_train", "num_heldout", "image_size", "seed", "num_train_shards", "jpeg_quality"):
+        s.add_argument(f"--{key}", type=int, default=d[key], help=f"default {d[key]}")
     return p
+
+
+def _synth(a: argparse.Namespace) -> int:
+    """Writes (or finds complete) the synthetic set in ``a.out`` with the settings of ``a``."""
+    from clipjax.data import synth
+    from clipjax.data.config import synth_config, validate_synth_config
+
+    cfg = synth_config()
+    cfg.update({k: getattr(a, k) for k in cfg})
+    try:
+        validate_synth_config(cfg, prefix="--")
+    except ValueError as e:
+        raise UserError(f"{e} (see clipjax-data synth --help)") from e
+    existed = synth.load_info(a.out) is not None
+    info = synth.ensure_synthetic(a.out, cfg)
+    print(f"{'already complete' if existed else 'wrote'}: {a.out} ({info['splits'][synth.SPLIT_TRAIN]['num_examples']} "
+          f"train, {info['splits'][synth.SPLIT_HELDOUT]['num_examples']} heldout, {len(synth.CLASSES)} classes)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["synth"]:  # the synth command owns its own arguments
-        from clipjax.data import synth
-
-        return int(synth.main(argv[1:]) or 0)
     parser = _parser()
     if any(x == "--runner" or x.startswith("--runner=") for x in argv):
         a, beam_args = parser.parse_known_args(argv)  # the flags clipjax does not know are Beam's
     else:
         a, beam_args = parser.parse_args(argv), []
+    if a.command == "synth":
+        return _synth(a)
 
     from clipjax.data import convert
 

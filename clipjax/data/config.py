@@ -7,14 +7,18 @@ Image size and context length are not here: they belong to the model
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from clipjax.data.resize import KERNELS
-from clipjax.data.sources import SOURCES
 from clipjax.data.tokenizer import KINDS as TOKENIZERS
 from clipjax.data.transforms import EVAL_CROPS
 
 CAPTION_CHOICES = ("random", "first")
+
+
+SOURCES = ("synthetic", "arrayrecord", "tfds")  # config.data.source
 
 
 def synth_config() -> ml_collections.ConfigDict:
@@ -118,11 +122,31 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("max_skip_fraction", f"{cfg.max_skip_fraction} must be in [0, 1]")
     if cfg.skip_check_after < 1:
         _fail("skip_check_after", f"{cfg.skip_check_after} must be >= 1")
-    s = cfg.synth
+    validate_synth_config(cfg.synth)
+
+
+def validate_synth_config(s: ml_collections.ConfigDict, prefix: str = "config.data.synth.") -> None:
+    """Raises ValueError naming the first bad synthetic-set setting (``prefix`` + its name)."""
     for key in ("num_train", "num_heldout", "num_train_shards"):
         if s[key] < 1:
-            _fail(f"synth.{key}", f"{s[key]} must be >= 1")
+            raise ValueError(f"{prefix}{key}: {s[key]} must be >= 1")
     if s.image_size < 32:
-        _fail("synth.image_size", f"{s.image_size} must be >= 32 (shapes must stay recognisable)")
+        raise ValueError(f"{prefix}image_size: {s.image_size} must be >= 32 (shapes must stay recognisable)")
     if not 1 <= s.jpeg_quality <= 100:
-        _fail("synth.jpeg_quality", f"{s.jpeg_quality} must be in [1, 100]")
+        raise ValueError(f"{prefix}jpeg_quality: {s.jpeg_quality} must be in [1, 100]")
+
+
+def check_data_folder(cfg: ml_collections.ConfigDict, spec: str) -> None:
+    """A missing ``arrayrecord`` folder as a ``UserError`` naming the argument of config ``spec`` that sets it."""
+    from clipjax.errors import UserError
+
+    if cfg.source != "arrayrecord":
+        return
+    path, _, arg = spec.partition(":")
+    if not cfg.path:
+        arg = ",".join([a for a in arg.split(",") if a] + ["data=/path/to/shards"])
+        raise UserError(f"{path} needs data=DIR (the folder written by clipjax-data convert): "
+                        f"--config={path}:{arg} (or --config.data.path=DIR)")
+    if "://" not in cfg.path and not os.path.isdir(cfg.path):
+        raise UserError(f"data.path={cfg.path}: no such folder; convert data there with clipjax-data convert "
+                        f"or point {path}:data=DIR at the folder of shards")

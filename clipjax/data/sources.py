@@ -15,8 +15,6 @@ import numpy as np
 
 from clipjax.data import records
 
-SOURCES = ("synthetic", "arrayrecord", "tfds")
-
 
 class ExampleSource(Protocol):
     def __len__(self) -> int: ...

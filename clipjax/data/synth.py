@@ -27,7 +27,6 @@ from PIL import Image, ImageDraw
 
 from clipjax.atomic import atomic_path
 from clipjax.data import records
-from clipjax.errors import ArgumentParser
 
 SPLIT_TRAIN = "train"
 SPLIT_HELDOUT = "heldout"
@@ -238,31 +237,3 @@ def ensure_synthetic(folder: str, synth_cfg: Any) -> dict[str, Any]:
         raise ValueError(f"{folder!r} holds a synthetic dataset made with {info.get('settings')}, not {want}; "
                          "point config.data.path elsewhere or delete the folder")
     return info
-
-
-def main(argv: list[str]) -> int:
-    """``clipjax-data synth --out DIR [--num_train N --num_heldout M --image_size S --seed K]``."""
-    from clipjax.data.config import synth_config
-
-    d = synth_config()
-    p = ArgumentParser(prog="clipjax-data synth", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder to write the shards and info.json into")
-    p.add_argument("--num_train", type=int, default=d.num_train)
-    p.add_argument("--num_heldout", type=int, default=d.num_heldout)
-    p.add_argument("--image_size", type=int, default=d.image_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num_train_shards", type=int, default=d.num_train_shards)
-    p.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality)
-    a = p.parse_args(argv)
-    cfg = {k: getattr(a, k) for k in _settings(d)}
-    for k in ("num_train", "num_heldout", "num_train_shards"):
-        if cfg[k] < 1:
-            p.error(f"--{k} must be >= 1")
-    if cfg["image_size"] < 32:
-        p.error("--image_size must be >= 32")
-    existed = load_info(a.out) is not None
-    info = ensure_synthetic(a.out, cfg)
-    verb = "already complete" if existed else "wrote"
-    print(f"{verb}: {a.out} ({info['splits'][SPLIT_TRAIN]['num_examples']} train, "
-          f"{info['splits'][SPLIT_HELDOUT]['num_examples']} heldout, {len(CLASSES)} classes)")
-    return 0

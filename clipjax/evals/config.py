@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from clipjax.data.sources import SOURCES
+from clipjax.data.config import SOURCES
 from clipjax.evals.classnames import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
 EVAL_KINDS = ("zeroshot", "retrieval")

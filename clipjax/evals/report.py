@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Mapping
 
 from clipjax.atomic import atomic_path
-from clipjax.progress import format_value
+from clipjax.metrics import to_json_value
+from clipjax.progress import format_value, table_lines
 
 _HEADLINE_SUFFIXES = ("/top1", "/top5", "_r1", "_r5", "_r10", "_median_rank", "/modality_gap", "/pos_sim",
                       "/neg_sim")
@@ -21,15 +21,12 @@ def headline_table(metrics: Mapping[str, float], chance: Mapping[str, float]) ->
 
 
 def markdown_table(step: int, metrics: Mapping[str, float], chance: Mapping[str, float]) -> str:
-    lines = [f"# Evaluation at step {step}", "", "| metric | value | chance |", "|---|---|---|"]
-    for key in sorted(metrics):
-        ch = chance.get(key)
-        lines.append(f"| {key} | {format_value(metrics[key])} | {format_value(ch) if ch is not None else ''} |")
-    return "\n".join(lines) + "\n"
+    rows = [{"metric": key, "value": metrics[key], "chance": chance[key] if key in chance else ""} for key in sorted(metrics)]
+    return "\n".join([f"# Evaluation at step {step}", ""] + table_lines(rows, markdown=True)) + "\n"
 
 
 def _json_safe(d: Mapping[str, float]) -> dict[str, float | None]:
-    return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in d.items()}
+    return {k: to_json_value(v) for k, v in d.items()}
 
 
 def write_files(workdir: str, name: str, step: int, metrics: Mapping[str, float], chance: Mapping[str, float],
