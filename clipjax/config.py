@@ -90,7 +90,7 @@ def _model_config() -> ml_collections.ConfigDict:
         "act": "gelu",  # gelu | gelu_tanh | quick_gelu (OpenAI's original weights)
         "ln_eps": 1e-5,
         "dtype": "auto",  # compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU); params stay float32
-        "remat": "none",  # none | full | dots | dots_no_batch (per block)
+        "remat": "none",  # none | full | qkv | matmuls | dots | dots_no_batch (per block)
         "scan": True,  # scan over blocks: compile time independent of depth
         "init_logit_scale": ph(float),  # derived: log(1/0.07) softmax, log(10) sigmoid
         "max_logit_scale": 100.0,

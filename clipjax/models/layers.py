@@ -13,12 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
+# Activations a block names with `checkpoint_name` (MaxText's style), in the order it computes them.
+ACTIVATION_NAMES = ("query_proj", "key_proj", "value_proj", "attn_context", "attn_out", "mlp_fc", "mlp_out")
+
+# Named remat policies: what the backward pass keeps of each block; everything else it recomputes.
+REMAT_SAVES: dict[str, tuple[str, ...]] = {
+    "full": (),  # nothing: the whole block forward again
+    "qkv": ("query_proj", "key_proj", "value_proj"),  # the attention inputs
+    "matmuls": ACTIVATION_NAMES,  # every matmul output except the T x T attention scores
+}
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
+    **{name: jax.checkpoint_policies.save_only_these_names(*saved) for name, saved in REMAT_SAVES.items()},
+    # By primitive rather than by name: every dot (the attention scores too), or those without batch dims.
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -84,18 +95,19 @@ class MultiHeadAttention(nn.Module):
             w = param_with_axes(self, f"{name}_kernel", init_in, (d, n, h), ("embed", "heads", "kv"))
             b = param_with_axes(self, f"{name}_bias", nn.initializers.zeros, (n, h), ("heads", "kv"))
             y = jnp.einsum("btd,dnh->btnh", x, w.astype(self.dtype)) + b.astype(self.dtype)[None, None]
-            return constrain(y, ("act_batch", "act_len", "act_heads", "act_kv"))
+            return checkpoint_name(constrain(y, ("act_batch", "act_len", "act_heads", "act_kv")), f"{name}_proj")
 
         q_BTNH = proj("query", xq_BTD)
         k_BSNH = proj("key", xkv_BSD)
         v_BSNH = proj("value", xkv_BSD)
         mask = None if mask_BS is None else mask_BS[:, None, None, :]
-        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal)
+        o_BTNH = checkpoint_name(jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal),
+                                 "attn_context")
         w_out = param_with_axes(self, "out_kernel", nn.initializers.normal(self.out_std), (n, h, d),
                                 ("heads", "kv", "embed"))
         b_out = param_with_axes(self, "out_bias", nn.initializers.zeros, (d,), ("norm",))
         y_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, w_out.astype(self.dtype)) + b_out.astype(self.dtype)[None, None]
-        return constrain(y_BTD, ("act_batch", "act_len", "act_embed"))
+        return checkpoint_name(constrain(y_BTD, ("act_batch", "act_len", "act_embed")), "attn_out")
 
 
 class Mlp(nn.Module):
@@ -113,11 +125,11 @@ class Mlp(nn.Module):
         w1 = param_with_axes(self, "fc_kernel", nn.initializers.normal(self.fc_std), (d, self.mlp_dim), ("embed", "mlp"))
         b1 = param_with_axes(self, "fc_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",))
         h_BTF = jnp.einsum("btd,df->btf", x_BTD, w1.astype(self.dtype)) + b1.astype(self.dtype)[None, None]
-        h_BTF = constrain(ACTIVATIONS[self.act](h_BTF), ("act_batch", "act_len", "act_mlp"))
+        h_BTF = constrain(ACTIVATIONS[self.act](checkpoint_name(h_BTF, "mlp_fc")), ("act_batch", "act_len", "act_mlp"))
         w2 = param_with_axes(self, "proj_kernel", nn.initializers.normal(self.proj_std), (self.mlp_dim, d), ("mlp", "embed"))
         b2 = param_with_axes(self, "proj_bias", nn.initializers.zeros, (d,), ("norm",))
         y_BTD = jnp.einsum("btf,fd->btd", h_BTF, w2.astype(self.dtype)) + b2.astype(self.dtype)[None, None]
-        return constrain(y_BTD, ("act_batch", "act_len", "act_embed"))
+        return checkpoint_name(constrain(y_BTD, ("act_batch", "act_len", "act_embed")), "mlp_out")
 
 
 def take_rows(x_BTD: jax.Array, index_B: jax.Array) -> jax.Array:
