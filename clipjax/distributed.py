@@ -77,9 +77,16 @@ def barrier(name: str, *, timeout_s: int = 3600) -> None:
     if not is_multiprocess():
         return
     # jax has no public barrier that avoids a collective; orbax waits on this same client.
+    coordination_state().client.wait_at_barrier(f"clipjax/{name}", timeout_in_ms=timeout_s * 1000)
+
+
+def coordination_state():
+    """``jax._src.distributed.global_state``: the coordination client (``wait_at_barrier``) and the
+    preemption sync manager, which jax exposes through no public API. The one use of the private
+    module: setup.cfg bounds jax's version and tests/test_layers.py checks these attributes."""
     from jax._src import distributed as jax_distributed
 
-    jax_distributed.global_state.client.wait_at_barrier(f"clipjax/{name}", timeout_in_ms=timeout_s * 1000)
+    return jax_distributed.global_state
 
 
 def exit_at_once(status: int) -> NoReturn:

@@ -28,9 +28,9 @@ log = logging.getLogger("clipjax")
 
 
 def _pod_sync_available() -> bool:
-    from jax._src import distributed  # the preemption sync manager has no public accessor
+    from clipjax.distributed import coordination_state  # the preemption sync manager has no public accessor
 
-    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+    return jax.process_count() > 1 and coordination_state().preemption_sync_manager is not None
 
 
 class StopRequest:

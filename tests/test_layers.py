@@ -1,4 +1,5 @@
-"""The library's layers: no module imports one above it, no import cycles; test files share helpers, not tests."""
+"""The library's layers: no module imports one above it, no import cycles; test files share helpers, not tests;
+the one private jax API the library uses is still there."""
 
 import ast
 import pathlib
@@ -110,3 +111,14 @@ def test_test_files_import_shared_helpers_not_other_test_files():
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[-1].startswith("test_") or n == "tests"
                           or n.startswith("tests.")]
     assert offenders == []
+
+
+def test_the_private_jax_state_the_library_reads_is_there():
+    """``distributed.coordination_state`` reads jax._src; a jax release that moves it must fail here, not mid-run."""
+    from jax._src.lib import _jax
+
+    from clipjax import distributed
+
+    fields = type(distributed.coordination_state()).__annotations__
+    assert {"client", "preemption_sync_manager"} <= set(fields)
+    assert callable(getattr(_jax.DistributedRuntimeClient, "wait_at_barrier", None))
