@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -78,8 +79,8 @@ class ImageTower(nn.Module):
         p, d = self.patch_size, self.width
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
-        x = images_BHWC.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-        patches_BPK = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+        patches_BPK = einops.rearrange(images_BHWC.astype(self.dtype), "b (gh ph) (gw pw) c -> b (gh gw) (ph pw c)",
+                                       ph=p, pw=p)  # row-major patches, each flattened row by row
         # Patch embedding without bias, as in OpenAI CLIP (bias is redundant before ln_pre).
         w_patch = param_with_axes(self, "patch_kernel", nn.initializers.normal(d**-0.5), (p * p * c, d), ("patch", "embed"))
         x_BPD = jnp.einsum("bpk,kd->bpd", patches_BPK, w_patch.astype(self.dtype))
