@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any, Sequence
@@ -274,17 +275,13 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
 def print_plan(config, target_spec: str | None, prog: str) -> int:
     """Prints ``plan`` of ``config`` for ``--target=target_spec`` (default: this machine's devices) as a
     table; 1 with a one-line reason on stderr when it does not fit, else 0."""
-    import sys
 
     from clipjax.progress import format_cell, table_lines
 
-    target = parse_target(target_spec) if target_spec else None
-    if target is not None:
-        devices = target_devices(target)
-    else:
-        import jax
+    import jax
 
-        devices = jax.devices()
+    target = parse_target(target_spec) if target_spec else None
+    devices = target_devices(target) if target else jax.devices()
     row = plan(config, devices)
     print("\n".join(table_lines([{"target": str(target or devices[0].platform), **row}], fmt=format_cell)))
     if row["fits"]:

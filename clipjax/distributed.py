@@ -81,9 +81,8 @@ def barrier(name: str, *, timeout_s: int = 3600) -> None:
 
 
 def coordination_state():
-    """``jax._src.distributed.global_state``: the coordination client (``wait_at_barrier``) and the
-    preemption sync manager, which jax exposes through no public API. The one use of the private
-    module: setup.cfg bounds jax's version and tests/test_layers.py checks these attributes."""
+    """``jax._src.distributed.global_state`` (client, preemption sync manager): no public API has them;
+    setup.cfg bounds jax and tests/test_layers.py checks the attributes used."""
     from jax._src import distributed as jax_distributed
 
     return jax_distributed.global_state

@@ -108,8 +108,6 @@ def without_added(env: dict[str, str]) -> dict[str, str]:
 
 
 # Simulated CPU devices (benchmarks, compile-ahead plans): XLA_FLAGS, read once when jax's CPU backend starts.
-
-
 def request_cpu_devices(n: int) -> None:
     """Asks XLA for ``n`` simulated CPU devices; takes effect only before jax starts its backends."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()

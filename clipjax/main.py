@@ -65,6 +65,10 @@ class CommandLine:
             raise UserError(f"--config is required, e.g. {self.prog} --config=configs/demo.py --workdir=runs/demo")
         return config_lib.load_config(self.spec, self.overrides)
 
+    def check_no_args(self) -> None:
+        if self.args:
+            raise UserError(f"unexpected arguments: {' '.join(self.args)} (flags are --name=VALUE; see {self.prog} --help)")
+
 
 def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
     """Separates ``--config=SPEC`` and ``--config.a.b=VALUE`` from the other arguments."""
@@ -145,8 +149,7 @@ def _print_config(config) -> None:
 def _setup(cmd: CommandLine) -> None:
     from clipjax import distributed
 
-    if cmd.args:
-        raise UserError(f"unexpected arguments: {' '.join(cmd.args)} (flags are --name=VALUE; see {cmd.prog} --help)")
+    cmd.check_no_args()
     if not _WORKDIR.value:
         raise UserError(f"--workdir is required: {cmd.prog} --config={cmd.spec} --workdir=DIR")
     if not flags.FLAGS["verbosity"].present:
@@ -156,20 +159,15 @@ def _setup(cmd: CommandLine) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
-def _compile_only(cmd: CommandLine, config) -> int:
-    from clipjax import compile_ahead
-
-    if cmd.args:
-        raise UserError(f"unexpected arguments: {' '.join(cmd.args)} (flags are --name=VALUE; see {cmd.prog} --help)")
-    return compile_ahead.print_plan(config, _TARGET.value, cmd.prog)
-
-
 def _train(cmd: CommandLine) -> None:
     config = cmd.config()
     if _PRINT_CONFIG.value:
         return _print_config(config)
     if _COMPILE_ONLY.value:
-        sys.exit(_compile_only(cmd, config))
+        from clipjax import compile_ahead
+
+        cmd.check_no_args()
+        sys.exit(compile_ahead.print_plan(config, _TARGET.value, cmd.prog))
     if _TARGET.value:
         raise UserError(f"--target applies with --compile_only only: {cmd.prog} --config={cmd.spec} "
                         f"--compile_only --target={_TARGET.value}")

@@ -93,7 +93,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _synth(a: argparse.Namespace) -> int:
-    """Writes (or finds complete) the synthetic set in ``a.out`` with the settings of ``a``."""
     from clipjax.data import synth
     from clipjax.data.config import synth_config, validate_synth_config
 

@@ -25,16 +25,13 @@ def markdown_table(step: int, metrics: Mapping[str, float], chance: Mapping[str,
     return "\n".join([f"# Evaluation at step {step}", ""] + table_lines(rows, markdown=True)) + "\n"
 
 
-def _json_safe(d: Mapping[str, float]) -> dict[str, float | None]:
-    return {k: to_json_value(v) for k, v in d.items()}
-
-
 def write_files(workdir: str, name: str, step: int, metrics: Mapping[str, float], chance: Mapping[str, float],
                 entries: Mapping[str, Any], differences: Mapping[str, tuple[Any, Any]] | None = None) -> str:
     """Writes ``WORKDIR/<name>.json`` (numbers, chance levels, the eval entries and the config fields
     that differ from the run's, as ``[run's, this]``) and ``<name>.md``; returns the base path."""
     base = os.path.join(workdir, name)
-    payload = {"step": int(step), "metrics": _json_safe(metrics), "chance": _json_safe(chance),
+    payload = {"step": int(step), "metrics": {k: to_json_value(v) for k, v in metrics.items()},
+               "chance": {k: to_json_value(v) for k, v in chance.items()},
                "evals": {n: e.to_dict() for n, e in entries.items()},
                "differs_from_run": {k: list(v) for k, v in (differences or {}).items()}}
     with atomic_path(base + ".json") as tmp, open(tmp, "w") as f:
