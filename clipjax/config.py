@@ -113,6 +113,21 @@ SECTIONS = {
 }
 
 
+def help_lines(spec: str | None, prog: str) -> list[str]:
+    """The config part of a command's ``--help``: the top-level sections, then the config file's docstring."""
+    lines = ["config fields (top level):", *(f"  {name:<24}{about}" for name, about in SECTIONS.items())]
+    if not spec:
+        return lines + ["", f"{prog} --config=FILE --help also shows that file's arguments; "
+                            f"--config=FILE --print_config prints the resolved config."]
+    path = spec.split(":", 1)[0]
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or "(no docstring)"
+    except (OSError, SyntaxError) as e:
+        doc = f"(cannot read: {e})"
+    return lines + ["", f"{path}:", *("  " + line for line in doc.splitlines())]
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default; config files start here."""
     c = ml_collections.ConfigDict()

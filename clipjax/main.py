@@ -98,25 +98,7 @@ def _help(prog: str, spec: str | None) -> str:
     rows.append(("--verbosity=N", "show tracebacks of errors and library logs (absl verbosity)"))
     lines = [f"usage: {prog} --config=FILE[:ARG] --workdir=DIR [--config.a.b=VALUE ...] [flags]", "",
              _ABOUT[prog], "", "flags:", *(f"  {flag:<24}{about}" for flag, about in rows)]
-    lines += ["", "config fields (top level):"]
-    lines += [f"  {name:<24}{about}" for name, about in config_lib.SECTIONS.items()]
-    if spec:
-        path = spec.split(":", 1)[0]
-        lines += ["", f"{path}:", *("  " + line for line in _docstring(path).splitlines())]
-    else:
-        lines += ["", f"{prog} --config=FILE --help also shows that file's arguments; "
-                      f"--config=FILE --print_config prints the resolved config."]
-    return "\n".join(lines)
-
-
-def _docstring(path: str) -> str:
-    import ast
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return ast.get_docstring(ast.parse(f.read())) or "(no docstring)"
-    except (OSError, SyntaxError) as e:
-        return f"(cannot read: {e})"
+    return "\n".join(lines + [""] + config_lib.help_lines(spec, prog))
 
 
 def _flags_parser(prog: str) -> Callable[[list[str]], CommandLine]:
