@@ -156,6 +156,15 @@ def _check_data(spec: str, config) -> None:
     if "://" not in data.path and not os.path.isdir(data.path):
         raise UserError(f"data.path={data.path}: no such folder; convert data there with clipjax-data convert "
                         f"or point {path}:data=DIR at the folder of shards")
+    from clipjax.data import records
+
+    try:
+        if "://" not in data.path:
+            records.shard_paths(data.path, data.train_split)
+    except FileNotFoundError:
+        raise UserError(f"data.path={data.path}: no shards of split {data.train_split!r} there "
+                        f"({records.shard_name(data.train_split, 0, 1)}, ...); convert into it with clipjax-data "
+                        "convert, or set data.train_split") from None
 
 
 def _setup(cmd: CommandLine) -> None:
