@@ -101,11 +101,16 @@ def _access_problem(error: BaseException | None, folder: epath.Path) -> str | No
         if any(code in str(seen) for code in _ACCESS_CODES):
             return _first_line(seen)
         seen = seen.__cause__ or seen.__context__
+    def probe(path: epath.Path) -> None:
+        if path.is_dir():
+            for child in path.iterdir():
+                probe(child)
+        else:
+            with path.open("rb") as f:
+                f.read(1)
+
     try:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as f:
-                    f.read(1)
+        probe(folder)
     except FileNotFoundError:
         return None
     except OSError as e:

@@ -1,9 +1,10 @@
 """The training loop: resume, step, log, checkpoint, evaluate, report.
 
 The host loop stays asynchronous: step N+1 is dispatched before step N's
-metrics are fetched, and that fetch is the loop's only device-to-host transfer
-(the loop runs under ``jax.transfer_guard_device_to_host("disallow")``, so an
-accidental sync fails loudly; saves and evaluations are allowed theirs).
+metrics are fetched, and that explicit fetch is the loop's one device-to-host
+transfer. The loop runs under ``jax.transfer_guard("disallow")``: an implicit
+transfer (``float(loss)``, a batch left in numpy) fails loudly instead of
+stalling every step; saves and evaluations are allowed theirs.
 Checkpoints hold the train state and the data iterator together, so a killed run
 resumes exactly where its last checkpoint was taken. A step is saved only after
 its own metrics show it healthy: never inside a run of non-finite steps, and the
@@ -68,9 +69,8 @@ _HEALTH_KEYS = ("train/finite", "train/consecutive_skips", "train/loss")
 
 
 def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
-    """The loop's one device-to-host transfer per step."""
-    with jax.transfer_guard_device_to_host("allow"):
-        return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    """The loop's one device-to-host transfer per step (explicit: the transfer guard lets it pass)."""
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
 @contextlib.contextmanager
@@ -320,7 +320,7 @@ class Run:
     def _save_and_evaluate(self, done: int, state, data_iter, save: bool) -> None:
         """Saves ``done`` (when due and healthy), then evaluates it: an evaluation that fails costs no step."""
         total = self.config.train.steps
-        with jax.transfer_guard_device_to_host("allow"):
+        with jax.transfer_guard("allow"):
             if save and self.health.skipping:
                 log.warning("step %d: not saved inside a run of non-finite steps; newest checkpoint: %s", done,
                             self.newest_saved())
@@ -343,7 +343,7 @@ class Run:
         # Compiling, measuring the peak and opening the evaluations take each process its own time.
         distributed.barrier(f"train-start-{start}")
         try:
-            with jax.transfer_guard_device_to_host("disallow"):
+            with jax.transfer_guard("disallow"):
                 for step in range(start, total):
                     new_phase = stages.phase_at(config, step)
                     if new_phase != phase:
