@@ -112,23 +112,21 @@ class StepPrograms:
 
 
 class StepClock:
-    """Seconds per step over the steps since the last logged one, without the time spent saving
-    and evaluating (``exclude``): that time is not step time for samples/s and MFU."""
+    """Seconds per step between two logged steps' fetches (a fetch returns when its step has run),
+    without the time spent saving and evaluating (``exclude``): that is not step time for samples/s
+    and MFU."""
 
-    def __init__(self) -> None:
-        self._start, self._steps, self._excluded = time.perf_counter(), 0, 0.0
-
-    def tick(self) -> None:
-        self._steps += 1
+    def __init__(self, start_step: int) -> None:
+        self._start, self._step, self._excluded = time.perf_counter(), start_step, 0.0
 
     def exclude(self, seconds: float) -> None:
         self._excluded += seconds
 
-    def lap(self) -> float:
-        """Seconds per step since the previous lap; starts the next window."""
+    def lap(self, step: int) -> float:
+        """Seconds per step since the previous lap (or the start), ``step`` just fetched."""
         now = time.perf_counter()
-        dt = (now - self._start - self._excluded) / max(self._steps, 1)
-        self._start, self._steps, self._excluded = now, 0, 0.0
+        dt = (now - self._start - self._excluded) / max(step - self._step, 1)
+        self._start, self._step, self._excluded = now, step, 0.0
         return dt
 
 
@@ -308,7 +306,7 @@ class Run:
         if not logged:
             return
         _, model_flops, flops = self.programs(stages.phase_at(self.config, step - 1))
-        dt = self.clock.lap()
+        dt = self.clock.lap(step)
         host["train/step_time"] = dt
         host["train/samples_per_sec"] = self.config.train.batch_size / dt
         host["train/mfu"] = mfu_lib.mfu(model_flops, dt, self.peak)
@@ -337,7 +335,7 @@ class Run:
         config, total = self.config, self.config.train.steps
         state, start, phase, data_iter, compiled = self._start()
         stop = preemption.StopRequest(start)
-        self.clock = StepClock()  # start-up is not step time
+        self.clock = StepClock(start)  # start-up is not step time
         pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
         run_start = time.perf_counter()
         # Compiling, measuring the peak and opening the evaluations take each process its own time.
@@ -364,7 +362,6 @@ class Run:
                         # Only on logged steps: a norm is a full pass over the weights, the step stays lean.
                         metrics = dict(metrics, **{"train/param_norm": self.param_norm(state.params)})
                     metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
-                    self.clock.tick()
                     if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
                         self._log(*pending)
                     pending = (done, metrics)

@@ -564,3 +564,67 @@ def test_a_host_round_trip_inside_the_loop_fails_under_the_transfer_guard(data_d
 
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
         train(no_evals(smoke(data_dir, "--config.train.steps=3")), str(tmp_path / "run"), data_iterator_fn=RoundTrips)
+
+
+def test_start_up_mistakes_of_round_two_are_one_line(labelled_data, tmp_path, capsys):
+    import jax.numpy as jnp
+    from test_cli import assert_one_line_error, run_in_process
+
+    from clipjax.main import eval_main, train_main
+
+    (tmp_path / "syntax.py").write_text("def get_config(arg=None):\n    return (\n")
+    (tmp_path / "imports.py").write_text("import no_such_module_here\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    trained = tmp_path / "trained"
+    ck = ckpt_lib.Checkpointer(str(trained), every=1, keep=3, async_save=False)
+    ck.save(2, {"w": jnp.arange(4.0)})
+    ck.close()
+    custom = f"--config={ROOT}/configs/custom.py:data={labelled_data}"
+    cases = [
+        (train_main, [f"--config={tmp_path / 'syntax.py'}"], [f"--config={tmp_path / 'syntax.py'}: line 2:"]),
+        (train_main, [f"--config={tmp_path / 'imports.py'}"], ["No module named 'no_such_module_here'",
+                                                               "fix the import or install"]),
+        (train_main, [f"--config={ROOT}/configs/custom.py:data={empty}"], [f"data.path={empty}: no shards of split "
+                                                                           "'train'"]),
+        (eval_main, [custom, f"--workdir={tmp_path / 'mistyped'}"], [f"no checkpoints in --workdir="
+                                                                     f"{tmp_path / 'mistyped'}"]),
+        (eval_main, [custom, f"--workdir={trained}", "--step=5"], ["no checkpoint of step 5 in",
+                                                                   "saved steps: 2 (--step=N"]),
+    ]
+    for main, argv, hints in cases:
+        workdir = [] if any(a.startswith("--workdir") for a in argv) else [f"--workdir={tmp_path / 'run'}"]
+        code, _, err = run_in_process(main, [*argv, *workdir], capsys)
+        assert_one_line_error(code, err, "clipjax-eval" if main is eval_main else "clipjax-train", *hints)
+    assert not (tmp_path / "mistyped").exists()  # a mistyped workdir is not created
+
+
+def test_step_time_leaves_out_saves_and_evaluations_also_on_the_final_line(data_dir, tmp_path, monkeypatch):
+    """On a clock where each step takes 1 s (charged when its metrics are fetched: the fetch waits for
+    the step) and each evaluation 100 s, every logged step_time is 1 s: never the evaluation's time
+    (the final line), never negative or near zero (the lines after an evaluation or a save)."""
+    import types
+
+    import clipjax.train as train_mod
+
+    now = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    fetch = train_mod._to_host
+
+    def one_second_steps(metrics):
+        now[0] += 1.0
+        return fetch(metrics)
+
+    monkeypatch.setattr(train_mod, "_to_host", one_second_steps)
+
+    def slow_evaluation(step, state, writer, final=False):
+        now[0] += 100.0
+
+    run = str(tmp_path / "run")
+    train(no_evals(smoke(data_dir, "--config.train.steps=5", "--config.checkpoint.every=2",
+                         "--config.checkpoint.async_save=false")), run,
+          evaluate_fn=slow_evaluation)
+    rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if "train/step_time" in r]
+    assert [(r["step"], r["train/step_time"]) for r in rows] == [(s, 1.0) for s in range(1, 6)]
+    assert all(r["train/samples_per_sec"] == 32.0 for r in rows)
