@@ -324,7 +324,8 @@ def test_a_failing_final_evaluation_keeps_the_trained_steps(data_dir, tmp_path):
     names = tmp_path / "two.txt"
     names.write_text("cat\ndog\n")
     config = smoke(data_dir, "--config.train.steps=2", "--config.checkpoint.every=100",
-                   f"--config.evals.synthetic_zeroshot.classnames={names}", "--config.evals.synthetic_zeroshot.templates=single",
+                   f"--config.evals.synthetic_zeroshot.classnames={names}",
+                   "--config.evals.synthetic_zeroshot.templates=single",
                    "--config.evals.synthetic_zeroshot.max_examples=8", "--config.evals.synthetic_zeroshot.batch_size=8")
     with config.unlocked():
         del config.evals["synthetic_retrieval"]

@@ -147,7 +147,8 @@ def coco_items(json_path: str, image_dir: str, classes: ClassNames) -> tuple[lis
         classes.add([cat_names[k] for k in sorted(cat_names)], f"{json_path} categories")
     images = [_entry(meta["images"], i, ("id", "file_name"), json_path, "images") for i in range(len(meta["images"]))]
     for i, im in enumerate(images):
-        if is_unsafe_member(str(im["file_name"])) or "://" in str(im["file_name"]):  # as tar members are refused: never read outside --images
+        # Refused as tar members are: a COCO file must not make the converter read outside --images.
+        if is_unsafe_member(str(im["file_name"])) or "://" in str(im["file_name"]):
             raise ConvertError(f"{json_path}: images[{i}] has file_name {str(im['file_name'])!r}, which points "
                                f"outside --images {image_dir}; file names must be relative paths inside it")
     items = []
