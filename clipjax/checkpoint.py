@@ -11,6 +11,7 @@ at the next step with the path it could not write.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -21,27 +22,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from clipjax.config_diff import IncompatibleCheckpoint, check_compatible
 from clipjax.errors import UserError
 
 log = logging.getLogger("clipjax")
 
-# Config fields that change parameter shapes or presence: a checkpoint is only
-# compatible with a config that agrees on all of them.
-SHAPE_KEYS = ("model.size", "model.embed_dim", "model.image", "model.text", "model.init_logit_bias", "model.scan",
-              "loss.kind", "optim.lock_image", "optim.lock_text", "optim.clip_norm")
-# Fields inside SHAPE_KEYS that change no shape (FLIP's mask ratio may change between runs).
-SHAPE_FREE_KEYS = ("model.image.mask_ratio",)
-
-
-class IncompatibleCheckpoint(UserError, ValueError):
-    """The checkpoint in the workdir was written by a config with other shapes."""
-
-
 class WorkdirError(UserError, PermissionError):
     """The workdir cannot be created or written."""
+
+
+class CheckpointUnreadable(UserError, OSError):
+    """A checkpoint that cannot be read for a reason other than damage: permissions, I/O, an outage."""
+
+
+class AllCheckpointsDamaged(UserError, RuntimeError):
+    """Every checkpoint in the workdir is damaged; starting over is the user's call."""
 
 
 class DamagedCheckpoint(UserError, RuntimeError):
@@ -75,11 +74,48 @@ def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(part(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _all_processes(ok: bool) -> bool:
-    """True only when ``ok`` holds on every process (one bad reader makes the step bad for all)."""
+def _worst_of_all_processes(code: int) -> int:
+    """The largest ``code`` over every process (one bad reader makes the step bad for all)."""
     if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+        return code
+    return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
+# Storage status codes (tensorstore, gRPC) and errno values that say "cannot read now", not "damaged".
+_ACCESS_CODES = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Permission denied",
+                 "Input/output error")
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ETIMEDOUT, errno.EROFS, errno.ESTALE,
+                  errno.ENOTCONN, errno.EHOSTDOWN)
+
+
+def _access_problem(error: BaseException | None, folder: epath.Path) -> str | None:
+    """Why ``folder`` cannot be read when that is not damage (permissions, I/O, an outage), else None.
+
+    The error's chain is asked first; then every file is opened, since tensorstore words the
+    same EACCES differently by version and by storage.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _ACCESS_ERRNOS:
+            return _first_line(seen)
+        if any(code in str(seen) for code in _ACCESS_CODES):
+            return _first_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    def probe(path: epath.Path) -> None:
+        if path.is_dir():
+            for child in path.iterdir():
+                probe(child)
+        else:
+            with path.open("rb") as f:
+                f.read(1)
+
+    try:
+        probe(folder)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{e.strerror or e}: {getattr(e, 'filename', None) or folder}"
+    return None
 
 
 class PinnedSteps:
@@ -110,59 +146,54 @@ def check_workdir_writable(workdir: str) -> None:
                            f"choose another --workdir or fix its permissions") from e
 
 
-def _get(tree: dict, dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _flatten(prefix: str, value: Any, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = value
-
-
-def config_differences(saved_json: str, current_json: str, sections: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (saved, current)}`` for the fields under ``sections`` that differ; fields only
-    one side has (newer than the checkpoint, or gone since) are not differences."""
-    saved, current = json.loads(saved_json), json.loads(current_json)
-    out = {}
-    for section in sections:
-        a, b = {}, {}
-        _flatten(section, _get(saved, section), a)
-        _flatten(section, _get(current, section), b)
-        out.update({k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]})
-    return out
-
-
-def check_compatible(saved_json: str, current_json: str) -> None:
-    """Raises IncompatibleCheckpoint naming every shape-relevant key that differs."""
-    diffs = [f"{k}: checkpoint {a!r} vs config {b!r}"
-             for k, (a, b) in config_differences(saved_json, current_json, SHAPE_KEYS).items()
-             if k not in SHAPE_FREE_KEYS]
-    if diffs:
-        raise IncompatibleCheckpoint("the checkpoint was written by an incompatible config: " + "; ".join(diffs))
-
-
 class _QuietOrbaxFailures(logging.Filter):
-    """Drops the tracebacks orbax logs (several times over) for a failed background save.
+    """Drops the errors orbax logs (several times over, with tracebacks) for a failed save or restore.
 
-    CheckpointSaveError reports the failure once, naming the path; ``--verbosity=0``
-    (absl INFO) keeps orbax's tracebacks for debugging.
+    CheckpointSaveError, DamagedCheckpoint and CheckpointUnreadable report the failure once,
+    naming the path; ``--verbosity=0`` (absl INFO) keeps orbax's errors for debugging.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and "orbax" in record.pathname and absl_logging.get_verbosity() < absl_logging.INFO:
-            record.exc_info, record.exc_text = None, None
-        return True
+        # asyncio: "Task exception was never retrieved" for each array orbax could not write.
+        return not (("orbax" in record.pathname or record.name == "asyncio") and record.levelno >= logging.ERROR
+                    and absl_logging.get_verbosity() < absl_logging.INFO)
 
 
 _QUIET_ORBAX = _QuietOrbaxFailures()
+
+
+def _is_closed_loop_error(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _drop_closed_loop_errors() -> None:
+    """Silences "RuntimeError: Event loop is closed" tracebacks, one per array, printed when a failed
+    orbax save or restore has closed its asyncio loop before tensorstore's pending callbacks ran.
+
+    They say nothing the clipjax error line does not; every other error keeps its hook.
+    """
+    import sys
+    import threading
+
+    if getattr(sys.excepthook, "clipjax_quiet", False):
+        return
+    excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+
+    def quiet_excepthook(kind, value, tb):
+        if not _is_closed_loop_error(value):
+            excepthook(kind, value, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_closed_loop_error(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    def quiet_thread_hook(args):
+        if not _is_closed_loop_error(args.exc_value):
+            thread_hook(args)
+
+    quiet_excepthook.clipjax_quiet = True
+    sys.excepthook, sys.unraisablehook, threading.excepthook = quiet_excepthook, quiet_unraisablehook, \
+        quiet_thread_hook
 
 
 class _Manager(ocp.CheckpointManager):
@@ -193,17 +224,23 @@ class Checkpointer:
             preservation_policy=preservation, enable_async_checkpointing=bool(async_save), create=True)
         self.manager = _Manager(checkpoint_dir(workdir), options=options)
         self._saving: int | None = None  # step of the save not yet seen finished, for error messages
-        logging.getLogger("absl").addFilter(_QUIET_ORBAX)  # adding the same filter twice is a no-op
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_QUIET_ORBAX)  # adding the same filter twice is a no-op
+        _drop_closed_loop_errors()
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (orbax ignores unfinished ones)."""
-        self.manager.reload()
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """Every complete checkpoint's step, oldest first (``<step>.damaged`` folders are not steps)."""
-        self.manager.reload()
-        return list(self.manager.all_steps())
+        try:
+            self.manager.reload()
+            return sorted(self.manager.all_steps())
+        except OSError as e:
+            raise CheckpointUnreadable(f"cannot list the checkpoints in {self.manager.directory}: "
+                                       f"{e.strerror or e}; fix its permissions or storage and rerun") from e
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
@@ -262,7 +299,8 @@ class Checkpointer:
             items["data"] = data_args
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - sorted below into damage or incompatibility
+        except Exception as e:  # noqa: BLE001 - sorted below into unreadable, damage or incompatibility
+            self._raise_if_unreadable(step, e)
             if not (self.manager.directory / str(step) / "state").exists():
                 raise DamagedCheckpoint(step, "its state/ folder is missing") from e
             mismatch = self._layout_mismatch(step, abstract_state)
@@ -272,6 +310,14 @@ class Checkpointer:
                     f"{mismatch}") from e
             raise DamagedCheckpoint(step, _first_line(e)) from e
         return restored["state"], restored.get("data") if data_args is not None else None
+
+    def _raise_if_unreadable(self, step: int, error: BaseException | None) -> None:
+        folder = self.manager.directory / str(step)
+        problem = _access_problem(error, folder)
+        if problem:
+            raise CheckpointUnreadable(f"cannot read checkpoint step {step} in {self.manager.directory}: {problem}; "
+                                       "it is not damaged and nothing was moved; fix its permissions or storage "
+                                       "and rerun") from error
 
     def _layout_mismatch(self, step: int, abstract_state: Any) -> str | None:
         """How the saved state's tree and shapes differ from ``abstract_state``.
@@ -289,23 +335,38 @@ class Checkpointer:
                  for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
         return "; ".join(diffs[:5]) + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else "") or None
 
-    def restore_newest_intact(self, restore_step: Callable[[int], Any]) -> tuple[int, Any] | None:
+    def restore_newest_intact(self, restore_step: Callable[[int], Any], *,
+                              start_over: bool = False) -> tuple[int, Any] | None:
         """``(step, restore_step(step))`` for the newest step that restores, or None when there is none.
 
         Steps are tried newest first. A damaged one is logged, moved aside to
         ``<step>.damaged`` (never deleted; orbax no longer lists it) and the next
-        older one is tried. IncompatibleCheckpoint propagates: an older step
-        would not fit either.
+        older one is tried. IncompatibleCheckpoint propagates (an older step would
+        not fit either), and so does CheckpointUnreadable (nothing is moved). When
+        every step was damaged: AllCheckpointsDamaged, or None with ``start_over``.
         """
-        for step in sorted(self.all_steps(), reverse=True):
-            reason = None
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            reason, unreadable = None, None
             try:
                 result = restore_step(step)
             except DamagedCheckpoint as e:
                 reason = e.reason
-            if _all_processes(reason is None):
+            except CheckpointUnreadable as e:
+                unreadable = e
+            worst = _worst_of_all_processes(2 if unreadable else 1 if reason else 0)
+            if worst == 2:
+                raise unreadable or CheckpointUnreadable(
+                    f"another process cannot read checkpoint step {step} in {self.manager.directory}; "
+                    "nothing was moved; fix its permissions or storage and rerun")
+            if worst == 0:
                 return step, result
             self._set_aside(step, reason or "another process could not read it")
+        if steps and not start_over:
+            raise AllCheckpointsDamaged(
+                f"every checkpoint in {self.manager.directory} is damaged (moved to <step>.damaged: "
+                f"{', '.join(map(str, steps))}); to train again from step 0 in this workdir, rerun with "
+                "--config.checkpoint.start_over_if_damaged=true")
         return None
 
     def _set_aside(self, step: int, reason: str) -> None:
@@ -330,10 +391,16 @@ class Checkpointer:
         """The data iterator states saved at ``step``, one per process that wrote them."""
         folder = self.manager.directory / str(step) / "data"  # an epath: local disk or a bucket
         found = {}
-        for path in folder.iterdir() if folder.exists() else ():
-            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
-            if m:
-                found[int(m.group(1))] = (int(m.group(2)), json.loads(path.read_text()))
+        try:
+            for path in folder.iterdir() if folder.exists() else ():
+                m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
+                if m:
+                    found[int(m.group(1))] = (int(m.group(2)), json.loads(path.read_text()))
+        except OSError as e:
+            self._raise_if_unreadable(step, e)
+            raise DamagedCheckpoint(step, f"{folder}: {e}") from e
+        except ValueError as e:
+            raise DamagedCheckpoint(step, f"{folder}: {e}") from e
         counts = {count for count, _ in found.values()}
         if len(counts) > 1 or (counts and sorted(found) != list(range(counts.pop()))):
             names = sorted(p.name for p in folder.iterdir())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -163,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
         "loss_spike_factor": 0.0,  # stop when the loss exceeds this times its running mean (0: off)
         "loss_spike_window": 50,  # steps in that running mean (the check starts once it is full)
         "report": True,  # PNG report of the curves at the end
+        "profile_steps": "",  # "A:B": a jax.profiler trace of steps A..B-1 in WORKDIR/profile (TensorBoard, Perfetto)
         # CLIPA: ((steps, image_size, context_length), ...) run first; the rest at the model's size.
         "stages": (),
         "unmasked_steps": 0,  # FLIP: the last N steps run with mask_ratio 0
@@ -172,6 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
         "keep": 3,
         "async_save": True,
         "init_from": "",  # checkpoint dir, workdir or OpenCLIP/OpenAI weights file to start params from (fine-tuning)
+        "accept_changes": False,  # resume although seed, train.batch_size or the data stream changed (not exact)
+        "start_over_if_damaged": False,  # every checkpoint damaged: train from step 0 instead of stopping
     })
     c.data = data_config()
     c.evals = evals_config()
@@ -213,7 +217,12 @@ def _load_file(path: str, arg: str | None) -> ml_collections.ConfigDict:
         raise ConfigError(f"--config={path}: no such config file{hint}")
     module_spec = importlib.util.spec_from_file_location(f"clipjax_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config={path}: line {e.lineno}: {e.msg}; fix the file") from e
+    except ImportError as e:
+        raise ConfigError(f"--config={path}: {e}; fix the import or install the missing package") from e
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"--config={path}: the file defines no get_config(arg=None) function")
     try:
@@ -371,6 +380,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
         _as_config_error(validate_stages, c)
         if t.loss_spike_factor < 0 or 0 < t.loss_spike_factor <= 1:
             raise ConfigError(f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1")
+        if t.profile_steps and not re.fullmatch(r"\d+:\d+", t.profile_steps) or \
+                t.profile_steps and int(t.profile_steps.split(":")[0]) >= int(t.profile_steps.split(":")[1]):
+            raise ConfigError(f"train.profile_steps={t.profile_steps!r}: give FIRST:END with FIRST < END, e.g. "
+                              "'10:13' traces steps 10, 11 and 12")
         if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
             raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
 

@@ -67,6 +67,16 @@ def is_multiprocess() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+def all_true(ok: bool) -> bool:
+    """True only when ``ok`` holds on every process (a collective: every process must call it)."""
+    if not is_multiprocess():
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def barrier(name: str, *, timeout_s: int = 3600) -> None:
     """Blocks until every process reaches the barrier ``name`` (used once per run); a no-op alone.
 

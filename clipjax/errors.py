@@ -20,6 +20,7 @@ import sys
 from typing import Callable, Iterable, NoReturn, Sequence
 
 EXIT_USER_ERROR = 2  # argparse's status for usage errors; every clipjax command uses it for user errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 
 class UserError(Exception):
@@ -79,6 +80,13 @@ def run_cli(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[s
         sys.stdout.flush()
         print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C before the command installs its own handling (compiling, converting)
+        if wants_traceback(argv):
+            raise
+        sys.stdout.flush()
+        print(f"{prog}: interrupted (Ctrl-C); what was complete is kept, rerun to continue", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
 
 
 class ArgumentParser(argparse.ArgumentParser):

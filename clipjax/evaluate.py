@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from typing import Any
 
 import jax
 
 from clipjax import checkpoint as ckpt_lib
+from clipjax import config_diff
 from clipjax import run
 from clipjax.evals.evaluator import Evaluator
+from clipjax.errors import UserError
 from clipjax.evals.report import headline_table, write_files
 from clipjax.progress import Progress
 
@@ -28,18 +31,25 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     the metrics. Results of a config that differs from the run's own carry the differences in their
     name, so they never replace the run's results (nor those of other overrides)."""
     if not len(config.evals):
-        raise ValueError("config.evals is empty: add entries with zeroshot_eval()/retrieval_eval() in the config file")
+        raise UserError("config.evals is empty: add entries with zeroshot_eval()/retrieval_eval() in the config file")
+    if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):  # checked first: a mistyped path is not created
+        raise UserError(f"no checkpoints in --workdir={workdir} ({ckpt_lib.checkpoint_dir(workdir)} does not exist); "
+                        "give the workdir of a clipjax-train run")
     setup, checkpointer = run.prepare(config, workdir, async_save=False)
     try:
-        step = checkpointer.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}")
+        steps = checkpointer.all_steps()
+        if not steps or (step is not None and int(step) not in steps):
+            raise UserError(f"{'no checkpoint' if not steps else f'no checkpoint of step {step}'} in "
+                            f"{ckpt_lib.checkpoint_dir(workdir)}"
+                            + (f"; saved steps: {', '.join(map(str, steps))} (--step=N, or leave --step out "
+                               "for the latest)" if steps else "; train first (clipjax-train)"))
+        step = steps[-1] if step is None else int(step)
         # Params only: evaluation needs no optimizer state (and converted checkpoints hold none).
         params = checkpointer.restore_params(step, setup.abstract_state.params)
         saved = checkpointer.saved_config(step)
     finally:
         checkpointer.close()
-    differences = {} if saved is None else ckpt_lib.config_differences(saved, config.to_json(), RESULT_SECTIONS)
+    differences = {} if saved is None else config_diff.config_differences(saved, config.to_json(), RESULT_SECTIONS)
     evaluator = Evaluator(config, setup)
     metrics, chance = evaluator.run(params)
     if jax.process_index() == 0:

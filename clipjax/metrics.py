@@ -13,7 +13,8 @@ writes the same numbers to three places, from process 0 only:
 
 Resuming: a run killed after its last checkpoint may have logged later steps.
 ``truncate_after(resume_step)`` rewrites ``metrics.jsonl`` atomically without
-them and makes TensorBoard discard its later events (``purge_step``).
+them and makes TensorBoard discard its later events (``purge_step``). The lines
+it drops are first appended to ``metrics.dropped.jsonl``: history is never lost.
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ from typing import Any, Mapping, TextIO
 import numpy as np
 
 from clipjax.atomic import atomic_path
+from clipjax.errors import UserError
 from clipjax.progress import Progress
 
 log = logging.getLogger("clipjax")
 
 METRICS_FILE = "metrics.jsonl"
+DROPPED_FILE = "metrics.dropped.jsonl"
+
+
+class MetricsWriteError(UserError, OSError):
+    """``metrics.jsonl`` cannot be rewritten (disk full, permissions)."""
 
 
 def to_json_value(value: Any) -> int | float | str | None:
@@ -105,9 +112,9 @@ class MetricWriter:
         """Drops ``metrics.jsonl`` lines with ``step > step`` (rewriting the file atomically).
 
         Call when resuming from the checkpoint at ``step``, before writing.
-        Lines without a step are kept; unparseable lines are dropped.
-        TensorBoard events after ``step`` are purged when its writer opens.
-        Returns the number of lines dropped.
+        Lines without a step are kept; unparseable lines are dropped. Every dropped
+        line is first appended to ``metrics.dropped.jsonl``. TensorBoard events after
+        ``step`` are purged when its writer opens. Returns the number of lines dropped.
         """
         if not self.enabled:
             return 0
@@ -115,30 +122,41 @@ class MetricWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        try:
+            return self._drop_after(step)
+        except OSError as e:
+            raise MetricsWriteError(f"cannot rewrite {self.path} for the resume from step {step}: "
+                                    f"{e.strerror or e}; free space or fix permissions in {self.workdir} "
+                                    "and rerun (nothing was changed)") from None
+
+    def _drop_after(self, step: int) -> int:
         if not os.path.exists(self.path):
             return 0
-        kept, dropped = [], 0
+        kept, dropped = [], []
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     continue
+                line = line if line.endswith("\n") else line + "\n"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    dropped += 1
+                    dropped.append(line)
                     continue
                 s = row.get("step") if isinstance(row, dict) else None
-                if isinstance(s, (int, float)) and s > step:
-                    dropped += 1
-                    continue
-                kept.append(line if line.endswith("\n") else line + "\n")
+                (dropped if isinstance(s, (int, float)) and s > step else kept).append(line)
         if dropped:
+            # The backup first: a crash between the two writes then loses nothing.
+            with open(os.path.join(self.workdir, DROPPED_FILE), "a", encoding="utf-8") as f:
+                f.writelines(dropped)
+                f.flush()
+                os.fsync(f.fileno())
             with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(kept)
                 f.flush()
                 os.fsync(f.fileno())
-            log.info("%s: dropped %d lines after step %d", self.path, dropped, step)
-        return dropped
+            log.info("%s: moved %d lines after step %d to %s", self.path, len(dropped), step, DROPPED_FILE)
+        return len(dropped)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Logs scalar ``metrics`` at ``step`` to all three sinks."""

@@ -67,6 +67,12 @@ def test_empty_inputs_are_errors(tmp_path):
     ({"images": [{"id": 1}], "annotations": []}, r"c.json: images\[0\] has no \['file_name'\]"),
     ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"caption": "x"}]},
      r"c.json: annotations\[0\] has no \['image_id'\]"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1}]},
+     r"c.json: annotations\[1\] has no \['caption'\]"),
+    ({"images": [{"id": 1, "file_name": "../secret.jpg"}], "annotations": []},
+     r"c.json: images\[0\] has file_name '../secret.jpg', which points outside --images"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "/etc/hostname"}], "annotations": []},
+     r"c.json: images\[1\] has file_name '/etc/hostname', which points outside --images"),
 ])
 def test_coco_malformed_entries_are_named(tmp_path, meta, message):
     (tmp_path / "c.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))

@@ -6,6 +6,7 @@ space, real signals to real processes, a symlink at a predictable path) and
 checks what survives.
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 
 from clipjax import checkpoint as ckpt_lib
+from clipjax import config_diff
 from clipjax.config import load_config
 from clipjax.report import read_metrics
 from clipjax.train import LossSpikeError, NonFiniteError, train
@@ -302,3 +305,327 @@ def test_tpu_pod_launcher_ships_the_archive_to_a_private_path(tmp_path):
     assert len(scp) == 1 and "n:.clipjax-upload/clipjax.tar.gz" in scp[0], lines
     assert not any("/tmp/clipjax.tar.gz" in line for line in lines), lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "calls"]  # the local archive is cleaned up
+
+
+# ---------------------------------------------------------------- round two (issue 24)
+
+
+def no_evals(config):
+    with config.unlocked():
+        for name in list(config.evals.keys()):
+            del config.evals[name]
+    return config
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_steps(data_dir, tmp_path):
+    """Synthetic labels reach 23 but the class list has two names: only the evaluation itself can tell."""
+    from clipjax.errors import UserError
+
+    names = tmp_path / "two.txt"
+    names.write_text("cat\ndog\n")
+    config = smoke(data_dir, "--config.train.steps=2", "--config.checkpoint.every=100",
+                   f"--config.evals.synthetic_zeroshot.classnames={names}",
+                   "--config.evals.synthetic_zeroshot.templates=single",
+                   "--config.evals.synthetic_zeroshot.max_examples=8", "--config.evals.synthetic_zeroshot.batch_size=8")
+    with config.unlocked():
+        del config.evals["synthetic_retrieval"]
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"has labels up to \d+ but classnames lists 2 names.*evaluating step 2; "
+                                        r"newest checkpoint: step 2 in"):
+        train(config, run)
+    assert ckpt_lib.Checkpointer(run, every=100, keep=3).all_steps() == [2]  # saved before the evaluation
+
+
+@pytest.fixture(scope="module")
+def labelled_data(tmp_path_factory):
+    """A converted folder of three classes, train and test splits (classes.txt, summaries)."""
+    from PIL import Image
+
+    from clipjax.data.convert import ConvertOptions, convert_folder
+
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog", "bird"):
+            (root / "photos" / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                root / "photos" / split / c / "0.png")
+        convert_folder(str(root / "photos" / split), ConvertOptions(out_dir=str(root / "data"), split=split))
+    return root / "data"
+
+
+@pytest.mark.parametrize("names, split, message", [
+    ("cat\ndog\n", "test", r"split 'test' of .* has labels up to 2 but classnames lists 2 names"),
+    ("\n\n", "test", r"classnames=.* lists no class names"),
+    ("cat\ndog\nbird\n", "val", r"no shards of split 'val' in"),
+])
+def test_evaluations_are_checked_before_training(labelled_data, tmp_path, names, split, message):
+    from clipjax.errors import UserError
+    from clipjax.evals import preflight
+
+    (tmp_path / "names.txt").write_text(names)
+    config = load_config(f"{ROOT}/configs/custom.py:data={labelled_data},eval_split={split}",
+                         [f"--config.evals.zeroshot.classnames={tmp_path / 'names.txt'}"])
+    with pytest.raises(UserError, match=r"^config\.evals\.\w+.*" + message):
+        preflight.check_entries(config)
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """File permissions apply: root drops to nobody's effective uid (every thread: glibc's setxid)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_checkpoint_stops_the_run_and_moves_nothing():
+    import jax.numpy as jnp
+
+    base = tempfile.mkdtemp(prefix="clipjax-unreadable-")  # nobody must reach it: not under pytest's 0700 folder
+    os.chmod(base, 0o755)
+    try:
+        ck = ckpt_lib.Checkpointer(base, every=1, keep=3, async_save=False)
+        state = {"w": jnp.arange(4.0)}
+        ck.save(1, state)
+        ck.close()
+        for folder, dirs, files in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(folder, d), 0o755)
+        for folder, _, files in os.walk(os.path.join(base, "checkpoints", "1", "state")):
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o000)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        ck = ckpt_lib.Checkpointer(base, every=1, keep=3, async_save=False)
+        with unprivileged(), pytest.raises(ckpt_lib.CheckpointUnreadable,
+                                           match=r"cannot read checkpoint step 1 in .*: .*Permission denied.*"
+                                                 r"it is not damaged and nothing was moved"):
+            ck.restore_newest_intact(lambda step: ck.restore(step, abstract))
+        assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["1"]
+    finally:
+        shutil.rmtree(base)
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_and_starting_over_is_explicit(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    config = lambda *extra: no_evals(smoke(data_dir, "--config.train.steps=2", "--config.checkpoint.every=2",  # noqa
+                                           "--config.checkpoint.async_save=false", *extra))
+    train(config(), run)
+    first = (pathlib.Path(run) / "metrics.jsonl").read_text()
+    shutil.rmtree(os.path.join(run, "checkpoints", "2", "state"))
+    with pytest.raises(ckpt_lib.AllCheckpointsDamaged, match=r"every checkpoint in .* is damaged .*: 2\); .*"
+                                                            r"--config.checkpoint.start_over_if_damaged=true"):
+        train(config(), run)
+    assert steps_on_disk(run) == ["2.damaged"]
+    assert (pathlib.Path(run) / "metrics.jsonl").read_text() == first  # nothing dropped
+    train(config("--config.checkpoint.start_over_if_damaged=true"), run)
+    assert steps_on_disk(run) == ["2", "2.damaged"]
+    # The first run's lines after step 0 are kept beside the new ones, not dropped.
+    assert (pathlib.Path(run) / "metrics.dropped.jsonl").read_text() == first
+    assert losses_of(run) == {r["step"]: r["train/loss"] for r in read_metrics_text(first)}  # same run again
+
+
+def read_metrics_text(text):
+    import json
+
+    return [r for r in map(json.loads, text.splitlines()) if "train/loss" in r]
+
+
+def test_a_second_run_on_a_live_workdir_stops_with_one_line_and_a_crashed_one_leaves_no_stale_lock(
+        data_dir, tmp_path):
+    from clipjax.lock import FolderBusy
+    from clipjax.train import workdir_lock
+
+    run = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from clipjax.train import workdir_lock\n"
+                               f"with workdir_lock({run!r}):\n print('holding', flush=True); time.sleep(600)"],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        with pytest.raises(FolderBusy, match=rf"^workdir {run} is in use by \S+ pid {holder.pid} "
+                                             r"\(lock .*\.lock\); wait for that run"):
+            train(no_evals(smoke(data_dir, "--config.train.steps=1")), run)
+        assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    with workdir_lock(run):  # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_config_changes_on_resume_are_listed_and_exactness_breaking_ones_need_a_flag(data_dir, tmp_path, caplog):
+    run = str(tmp_path / "run")
+    base = ("--config.checkpoint.every=2", "--config.checkpoint.async_save=false")
+    train(no_evals(smoke(data_dir, "--config.train.steps=2", *base)), run)
+    with pytest.raises(config_diff.ResumeChanged, match=r"resuming step 2 .*: seed: checkpoint 0 vs config 1; "
+                                                        r"train.batch_size: checkpoint 32 vs config 16; .*"
+                                                        r"--config.checkpoint.accept_changes=true"):
+        train(no_evals(smoke(data_dir, "--config.train.steps=3", "--config.train.batch_size=16", "--config.seed=1",
+                             *base)), run)
+    with caplog.at_level(logging.WARNING, logger="clipjax"):
+        train(no_evals(smoke(data_dir, "--config.train.steps=3", "--config.optim.lr=0.00123", *base)), run)
+    said = [r.getMessage() for r in caplog.records if "changed config field" in r.getMessage()]
+    assert len(said) == 1 and "optim.lr" in said[0] and "train.steps 2 -> 3" in said[0], said
+    assert max(losses_of(run)) == 3
+
+
+def test_rewriting_metrics_on_a_full_disk_is_one_clear_error(tiny_disk):
+    from clipjax.metrics import MetricsWriteError, MetricWriter
+
+    writer = MetricWriter(str(tiny_disk))
+    for step in range(1, 11):
+        writer.write(step, {"train/loss": 1.0 / step})
+    writer.close()
+    before = (tiny_disk / "metrics.jsonl").read_text()
+    with open(tiny_disk / "filler", "wb", buffering=0) as f:
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * (1 << 16))
+    with pytest.raises(MetricsWriteError, match=r"^cannot rewrite .*metrics.jsonl for the resume from step 5: "
+                                                r"No space left on device; free space"):
+        MetricWriter(str(tiny_disk)).truncate_after(5)
+    assert (tiny_disk / "metrics.jsonl").read_text() == before
+
+
+def test_two_conversions_into_one_out_the_second_stops_with_one_line(tmp_path):
+    from clipjax.data.convert import ConvertOptions, convert_folder
+    from clipjax.data.convert.driver import LOCK_FILE
+    from clipjax.data.convert.options import ConvertError
+
+    from PIL import Image
+
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "cat" / "0.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(  # a conversion in progress holds the lock as the driver takes it
+        [sys.executable, "-c", "import time\nfrom clipjax.lock import FolderLock\n"
+                               f"FolderLock({str(out / LOCK_FILE)!r}, what='x', fix='y').acquire()\n"
+                               "print('holding', flush=True); time.sleep(600)"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        with pytest.raises(ConvertError, match=rf"^--out={out} is in use by \S+ pid {holder.pid} .*wait for that "
+                                               r"conversion to end, or convert into another --out"):
+            convert_folder(str(tmp_path / "photos"), ConvertOptions(out_dir=str(out)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(out)) == [LOCK_FILE]  # nothing of the second conversion was written
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_status_130(capsys):
+    from clipjax.errors import run_cli
+
+    def compiling(argv):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered while "compiling"
+        time.sleep(5)
+
+    assert run_cli("clipjax-train", compiling, []) == 130
+    err = capsys.readouterr().err
+    assert err == "clipjax-train: interrupted (Ctrl-C); what was complete is kept, rerun to continue\n"
+
+
+def test_profile_steps_traces_the_named_steps_only(data_dir, tmp_path):
+    import gzip
+    import json
+
+    run = tmp_path / "run"
+    train(no_evals(smoke(data_dir, "--config.train.steps=4", "--config.train.profile_steps=1:3")), str(run))
+    traces = list((run / "profile").rglob("perfetto_trace.json.gz"))
+    assert len(traces) == 1 and list((run / "profile").rglob("*.xplane.pb")), list((run / "profile").rglob("*"))
+    events = json.loads(gzip.decompress(traces[0].read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    steps = {int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and "step_num" in e.get("args", {})}
+    assert steps == {1, 2}
+
+
+def test_a_host_round_trip_inside_the_loop_fails_under_the_transfer_guard(data_dir, tmp_path):
+    """Positive control of the guard: the one explicit fetch per step passes (every other test); a batch
+    copied to the host and fed back (an implicit transfer each way) fails at once."""
+    from clipjax.train import _default_data_iterator
+
+    class RoundTrips:
+        def __init__(self, config, mesh):
+            self.inner, self.n = _default_data_iterator(config, mesh), 0
+
+        def __next__(self):
+            batch, self.n = next(self.inner), self.n + 1
+            # np.asarray is the accidental sync (device to host; on CPU already host memory, so JAX
+            # checks only the way back, host to device, when the step reads the numpy array).
+            return {k: np.asarray(v) if self.n == 2 else v for k, v in batch.items()}
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        train(no_evals(smoke(data_dir, "--config.train.steps=3")), str(tmp_path / "run"), data_iterator_fn=RoundTrips)
+
+
+def test_start_up_mistakes_of_round_two_are_one_line(labelled_data, tmp_path, capsys):
+    import jax.numpy as jnp
+    from test_cli import assert_one_line_error, run_in_process
+
+    from clipjax.main import eval_main, train_main
+
+    (tmp_path / "syntax.py").write_text("def get_config(arg=None):\n    return (\n")
+    (tmp_path / "imports.py").write_text("import no_such_module_here\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    trained = tmp_path / "trained"
+    ck = ckpt_lib.Checkpointer(str(trained), every=1, keep=3, async_save=False)
+    ck.save(2, {"w": jnp.arange(4.0)})
+    ck.close()
+    custom = f"--config={ROOT}/configs/custom.py:data={labelled_data}"
+    cases = [
+        (train_main, [f"--config={tmp_path / 'syntax.py'}"], [f"--config={tmp_path / 'syntax.py'}: line 2:"]),
+        (train_main, [f"--config={tmp_path / 'imports.py'}"], ["No module named 'no_such_module_here'",
+                                                               "fix the import or install"]),
+        (train_main, [f"--config={ROOT}/configs/custom.py:data={empty}"], [f"data.path={empty}: no shards of split "
+                                                                           "'train'"]),
+        (eval_main, [custom, f"--workdir={tmp_path / 'mistyped'}"], [f"no checkpoints in --workdir="
+                                                                     f"{tmp_path / 'mistyped'}"]),
+        (eval_main, [custom, f"--workdir={trained}", "--step=5"], ["no checkpoint of step 5 in",
+                                                                   "saved steps: 2 (--step=N"]),
+    ]
+    for main, argv, hints in cases:
+        workdir = [] if any(a.startswith("--workdir") for a in argv) else [f"--workdir={tmp_path / 'run'}"]
+        code, _, err = run_in_process(main, [*argv, *workdir], capsys)
+        assert_one_line_error(code, err, "clipjax-eval" if main is eval_main else "clipjax-train", *hints)
+    assert not (tmp_path / "mistyped").exists()  # a mistyped workdir is not created
+
+
+def test_step_time_leaves_out_saves_and_evaluations_also_on_the_final_line(data_dir, tmp_path, monkeypatch):
+    """On a clock where each step takes 1 s (charged when its metrics are fetched: the fetch waits for
+    the step) and each evaluation 100 s, every logged step_time is 1 s: never the evaluation's time
+    (the final line), never negative or near zero (the lines after an evaluation or a save)."""
+    import types
+
+    import clipjax.train as train_mod
+
+    now = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    fetch = train_mod._to_host
+
+    def one_second_steps(metrics):
+        now[0] += 1.0
+        return fetch(metrics)
+
+    monkeypatch.setattr(train_mod, "_to_host", one_second_steps)
+
+    def slow_evaluation(step, state, writer, final=False):
+        now[0] += 100.0
+
+    run = str(tmp_path / "run")
+    train(no_evals(smoke(data_dir, "--config.train.steps=5", "--config.checkpoint.every=2",
+                         "--config.checkpoint.async_save=false")), run,
+          evaluate_fn=slow_evaluation)
+    rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if "train/step_time" in r]
+    assert [(r["step"], r["train/step_time"]) for r in rows] == [(s, 1.0) for s in range(1, 6)]
+    assert all(r["train/samples_per_sec"] == 32.0 for r in rows)

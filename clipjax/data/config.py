@@ -150,3 +150,12 @@ def check_data_folder(cfg: ml_collections.ConfigDict, spec: str) -> None:
     if "://" not in cfg.path and not os.path.isdir(cfg.path):
         raise UserError(f"data.path={cfg.path}: no such folder; convert data there with clipjax-data convert "
                         f"or point {path}:data=DIR at the folder of shards")
+    from clipjax.data import records
+
+    try:
+        if "://" not in cfg.path:
+            records.shard_paths(cfg.path, cfg.train_split)
+    except FileNotFoundError:
+        raise UserError(f"data.path={cfg.path}: no shards of split {cfg.train_split!r} there "
+                        f"({records.shard_name(cfg.train_split, 0, 1)}, ...); convert into it with clipjax-data "
+                        "convert, or set data.train_split") from None

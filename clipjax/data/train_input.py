@@ -64,8 +64,8 @@ class _TrainElement:
         self.process_index, self.process_count = process_index, process_count
         self.local_len = len(range(process_index, self.num_records, process_count))
         if self.local_len == 0:
-            raise ValueError(f"{source!r}: {self.num_records} records leave none for process "
-                             f"{process_index} of {process_count}")
+            raise DataError(f"{source!r}: {self.num_records} records leave none for process "
+                            f"{process_index} of {process_count}; convert more data into it (clipjax-data convert)")
         self.opts, self.tokenizer, self.caption_choice = opts, tokenizer, caption_choice
         self._cached_epoch, self._cached_permutation = -1, np.zeros((0,), np.int64)
 

@@ -19,7 +19,7 @@ from flax import linen as nn
 from clipjax import sharding
 from clipjax.data import resize
 from clipjax.errors import UserError
-from clipjax.evals import datasets
+from clipjax.evals import datasets, preflight
 from clipjax.evals import retrieval as retrieval_lib
 from clipjax.evals import zeroshot as zeroshot_lib
 from clipjax.evals.config import default_split
@@ -52,7 +52,8 @@ class Evaluator:
         self.config, self.mesh, self.rules = config, setup.mesh, setup.rules
         self.entries: dict[str, Any] = {name: config.evals[name] for name in config.evals}
         self.encoders = Encoders(setup.model, config.model, config.data.interpolation)
-        self._prompts: dict[str, tuple] = {}  # zero-shot entry -> (class names, templates, tokenizer)
+        # zero-shot entry -> (class names, templates, tokenizer); what fails here fails before training
+        self._prompts: dict[str, tuple] = preflight.check_entries(config)
         multiple = math.lcm(sharding.batch_size_divisor(self.mesh), jax.process_count())
         self._round = lambda b: -(-int(b) // multiple) * multiple
 
@@ -89,8 +90,6 @@ class Evaluator:
 
     def _zeroshot(self, name: str, e, params) -> tuple[dict[str, float], dict[str, float]]:
         data_cfg = datasets.eval_data_config(self.config, e)
-        if name not in self._prompts:
-            self._prompts[name] = datasets.zeroshot_prompts(self.config, e, data_cfg)
         names, templates, tokenize = self._prompts[name]
         text_sh = sharding.batch_sharding(self.mesh, 2)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,19 +23,33 @@ from clipjax.data.convert.example import ShardStats
 from clipjax.data.convert.labels import ClassNames
 from clipjax.data.convert.options import ConvertError, ConvertOptions
 from clipjax.data.convert.shards import ShardTask, is_done, read_stats, run_task, split_files
+from clipjax.lock import FolderBusy, FolderLock
+
+# One conversion at a time per --out: a second one would delete the first's temporary files.
+LOCK_FILE = ".convert.lock"
 
 
 def _run_task(args: tuple[ShardTask, ConvertOptions]) -> None:
     run_task(*args)
 
 
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent reports Ctrl-C once; workers finish their shard
+
+
 def _run_local(todo: list[ShardTask], opts: ConvertOptions) -> None:
     if opts.workers > 1 and len(todo) > 1:
         # spawn, not fork: the caller may hold threads (JAX, grain) that fork would copy mid-state.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(opts.workers, len(todo)), mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(opts.workers, len(todo)), mp_context=ctx,
+                                   initializer=_ignore_ctrl_c)
+        try:
             for _ in pool.map(_run_task, [(t, opts) for t in todo]):
                 pass
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # shards are written atomically: none is half there
+            raise
+        pool.shutdown()
     else:
         for t in todo:
             run_task(t, opts)
@@ -63,6 +78,20 @@ def run(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerpri
     # The kind only: the inputs' resolved paths are in `fingerprint`, so a relative path typed from
     # another folder still resumes.
     fingerprint = {"source": source.split(":", 1)[0], "options": opts.output_affecting(), **fingerprint}
+    lock = FolderLock(os.path.join(opts.out_dir, LOCK_FILE), what=f"--out={opts.out_dir}",
+                      fix="wait for that conversion to end, or convert into another --out")
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise ConvertError(str(e)) from None
+    try:
+        return _run_locked(tasks, opts, source, fingerprint, classes, runner, beam_args)
+    finally:
+        lock.release()
+
+
+def _run_locked(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, fingerprint: dict[str, Any],
+                classes: ClassNames | None, runner: str | None, beam_args: Sequence[str]) -> dict[str, Any]:
     fingerprint_lib.prepare_output(opts, fingerprint)
     if classes is not None:
         classes.write()
@@ -92,7 +121,7 @@ def _summarise(tasks: Sequence[ShardTask], opts: ConvertOptions, source: str, *,
     summary = {
         "source": source, "split": opts.split, "out_dir": opts.out_dir if "://" in opts.out_dir
         else os.path.abspath(opts.out_dir),
-        "written": total.written, "labelled": total.labelled, "classes": classes,
+        "written": total.written, "labelled": total.labelled, "max_label": total.max_label, "classes": classes,
         "skipped": {r: total.skipped[r] for r in sorted(total.skipped)},
         "skipped_total": skipped, "skip_fraction": skipped / seen if seen else 0.0,
         "reencoded": total.reencoded, "captions_truncated": total.captions_truncated,

@@ -48,6 +48,7 @@ class ShardStats:
     reencoded: int = 0
     captions_truncated: int = 0
     captions_dropped: int = 0  # invalid captions of examples kept thanks to another caption
+    max_label: int = -1  # the largest label written (-1: none); zero-shot checks its class list against it
     skipped: Counter = field(default_factory=Counter)
     skipped_inputs: list = field(default_factory=list)  # [key, input, reason, detail]
 
@@ -58,18 +59,19 @@ class ShardStats:
     def add(self, other: "ShardStats") -> None:
         for name in ("written", "labelled", "reencoded", "captions_truncated", "captions_dropped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_label = max(self.max_label, other.max_label)
         self.skipped.update(other.skipped)
         self.skipped_inputs += other.skipped_inputs
 
     def to_json(self) -> dict[str, Any]:
         return {"written": self.written, "labelled": self.labelled, "reencoded": self.reencoded,
                 "captions_truncated": self.captions_truncated, "captions_dropped": self.captions_dropped,
-                "skipped": dict(self.skipped), "skipped_inputs": self.skipped_inputs}
+                "max_label": self.max_label, "skipped": dict(self.skipped), "skipped_inputs": self.skipped_inputs}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ShardStats":
         return cls(d["written"], d["labelled"], d["reencoded"], d["captions_truncated"], d["captions_dropped"],
-                   Counter(d["skipped"]), d["skipped_inputs"])
+                   d.get("max_label", -1), Counter(d["skipped"]), d["skipped_inputs"])  # older stats lack max_label
 
 
 class _Skip(Exception):
@@ -130,4 +132,5 @@ def make_example(item: Item, opts: ConvertOptions, stats: ShardStats) -> records
     stats.reencoded += int(converted)
     stats.written += 1
     stats.labelled += int(item.label >= 0)
+    stats.max_label = max(stats.max_label, item.label)
     return records.Example(key=item.key, image=data, captions=captions, label=item.label)

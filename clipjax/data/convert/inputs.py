@@ -20,6 +20,7 @@ from etils import epath
 from clipjax.data.convert.example import Item
 from clipjax.data.convert.labels import ClassNames, label_values, readable
 from clipjax.data.convert.options import ConvertError
+from clipjax.data.convert.tars import is_unsafe_member
 
 # Images a class folder may hold (any case); other files are not read.
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -131,6 +132,9 @@ def coco_items(json_path: str, image_dir: str, classes: ClassNames) -> tuple[lis
     cat_of: dict[Any, set] = {}
     for i in range(len(meta["annotations"])):
         a = _entry(meta["annotations"], i, ("image_id",), json_path, "annotations")
+        if "caption" not in a and not (cats and "category_id" in a):
+            raise ConvertError(f"{json_path}: annotations[{i}] has no ['caption'] ({json.dumps(a)[:120]}); every "
+                               "annotation needs a caption (or, in a file with 'categories', a category_id)")
         if "caption" in a:
             caps.setdefault(a["image_id"], []).append(a["caption"] if isinstance(a["caption"], str) else "")
         if cats and "category_id" in a:
@@ -142,6 +146,11 @@ def coco_items(json_path: str, image_dir: str, classes: ClassNames) -> tuple[lis
         # Categories in id order are the labels 0, 1, ... (COCO ids have gaps).
         classes.add([cat_names[k] for k in sorted(cat_names)], f"{json_path} categories")
     images = [_entry(meta["images"], i, ("id", "file_name"), json_path, "images") for i in range(len(meta["images"]))]
+    for i, im in enumerate(images):
+        # Refused as tar members are: a COCO file must not make the converter read outside --images.
+        if is_unsafe_member(str(im["file_name"])) or "://" in str(im["file_name"]):
+            raise ConvertError(f"{json_path}: images[{i}] has file_name {str(im['file_name'])!r}, which points "
+                               f"outside --images {image_dir}; file names must be relative paths inside it")
     items = []
     for im in sorted(images, key=lambda im: im["id"]):
         found = cat_of.get(im["id"], set())
