@@ -91,13 +91,18 @@ class DecoderTargets:
             p = np.asarray(self.mix, np.float64)
             task = TASKS[int(rng.choice(len(TASKS), p=p / p.sum()))]
         if task == "cap":
-            prefix, target = [], _body(caption_ids)
-        else:
-            box, text = visible[int(rng.integers(len(visible)))]
-            words, coords = _body(tokenize([text])[0]), list(self.coord_ids(box))
-            room = self.length - 1 - len(coords)  # the text keeps its eot: cut before it
-            words = words if len(words) <= room else words[:room - 1] + words[-1:]
-            prefix, target = (words, coords) if task == "aref" else (coords, words)
+            return self.sequence(task, [], text_body(caption_ids))
+        box, text = visible[int(rng.integers(len(visible)))]
+        words, coords = self.fit_text(text_body(tokenize([text])[0])), list(self.coord_ids(box))
+        return self.sequence(task, *((words, coords) if task == "aref" else (coords, words)))
+
+    def fit_text(self, words: list[int]) -> list[int]:
+        """Region text ids cut (keeping their last, the end token) to leave room for the task id and a box."""
+        room = self.length - 5
+        return words if len(words) <= room else words[:room - 1] + words[-1:]
+
+    def sequence(self, task: str, prefix: list[int], target: list[int]) -> dict[str, np.ndarray]:
+        """``[task] prefix target`` padded to ``length`` (target cut to fit), with its target flags."""
         target = target[:self.length - 1 - len(prefix)]
         ids = np.zeros((self.length,), np.int32)
         is_target = np.zeros((self.length,), bool)
@@ -107,7 +112,7 @@ class DecoderTargets:
         return {"dec_ids": ids, "dec_target": is_target}
 
 
-def _body(ids_T: np.ndarray) -> list[int]:
+def text_body(ids_T: np.ndarray) -> list[int]:
     """The tokens after the start token, through the end token (pads dropped)."""
-    ids = [int(i) for i in ids_T[1:] if i != 0]
-    return ids
+    return [int(i) for i in ids_T[1:] if i != 0]
+

@@ -191,8 +191,9 @@ def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: Image
 EVAL_CROPS = ("centre", "openclip")
 
 
-def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> dict[str, np.ndarray]:
-    """Decode and cut the eval crop: resize shorter side + centre crop in one box.
+def eval_image(image: bytes | np.ndarray, opts: ImageOptions, crop: bool = False) -> dict[str, np.ndarray]:
+    """Decode and cut the eval crop: resize shorter side + centre crop in one box (with ``crop``, also
+    ``crop_xyxy``: the box as fractions of the image).
 
     ``eval_crop="centre"``: the exact centred square. ``"openclip"``: OpenCLIP's
     validation transform (``openclip_crop_box``) from a full decode (no JPEG
@@ -206,6 +207,6 @@ def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> dict[str, np.nd
             # bicubic pass, so resize here as OpenCLIP does; the device's resampling is then the identity.
             img = img.resize(_openclip_resized(img.width, img.height, opts.image_size), Image.BICUBIC)
             box = openclip_crop_box(img.width, img.height, opts.image_size)
-        return _cut_with_crop(img, box, opts)
+        return (_cut_with_crop if crop else cut_region)(img, box, opts)
     img = to_rgb(image, opts.draft_size)
-    return _cut_with_crop(img, centre_crop_box(img.width, img.height), opts)
+    return (_cut_with_crop if crop else cut_region)(img, centre_crop_box(img.width, img.height), opts)
