@@ -245,3 +245,42 @@ def test_two_tower_export_leaves_the_decoder_out(tmp_path):
     assert sorted(sd) == sorted(ref)
     for k in sd:
         np.testing.assert_array_equal(sd[k], ref[k])
+
+
+# ----------------------------------------------------------------------------- regions in records
+
+
+def test_converters_write_regions(tmp_path):
+    import json
+
+    from clipjax.data.convert import ConvertError, ConvertOptions, convert_coco, convert_csv
+    from test_convert import read_back
+    from test_images import sample_images
+
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for i in (1, 2):
+        (imgs / f"{i}.jpg").write_bytes(sample_images()["jpeg"])
+    captions = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)],
+                "annotations": [{"image_id": i, "caption": f"cap {i}"} for i in (1, 2)]}
+    instances = {"images": [{"id": 1, "file_name": "1.jpg", "width": 200, "height": 100}],
+                 "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+                 "annotations": [{"image_id": 1, "bbox": [20, 10, 100, 50], "category_id": 3},
+                                 {"image_id": 1, "bbox": [0, 0, 200, 100], "category_id": 7}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    convert_coco(str(tmp_path / "captions.json"), str(imgs), ConvertOptions(out_dir=str(tmp_path / "coco")),
+                 instances=str(tmp_path / "instances.json"))
+    one, two = read_back(tmp_path / "coco")
+    assert one.regions == [{"box": [0.1, 0.1, 0.6, 0.6], "text": "cat"}, {"box": [0, 0, 1, 1], "text": "dog"}]
+    assert two.regions == []
+
+    regions = [{"box": [0.25, 0.5, 0.75, 1.0], "text": "a dog"}]
+    rows = [("images/1.jpg", "a dog", json.dumps(regions)), ("images/2.jpg", "nothing", "")]
+    (tmp_path / "d.tsv").write_text("filepath\ttitle\tregions\n" + "\n".join("\t".join(r) for r in rows) + "\n")
+    convert_csv(str(tmp_path / "d.tsv"), ConvertOptions(out_dir=str(tmp_path / "csv")), regions_column="regions")
+    one, two = read_back(tmp_path / "csv")
+    assert (one.regions, two.regions) == (regions, [])
+    (tmp_path / "bad.tsv").write_text('filepath\ttitle\tregions\nimages/1.jpg\tx\t[{"box": [0.5, 0, 0.2, 1], "text": "y"}]\n')
+    with pytest.raises(ConvertError, match=r"bad.tsv line 2 column regions: region box \[0.5, 0, 0.2, 1\]"):
+        convert_csv(str(tmp_path / "bad.tsv"), ConvertOptions(out_dir=str(tmp_path / "bad")), regions_column="regions")
