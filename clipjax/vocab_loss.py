@@ -18,13 +18,11 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunks(w_DV: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """``w`` as ``[V/C, D, C]`` column blocks (zero-padded) and each block's valid-column mask ``[V/C, C]``."""
-    d, v = w_DV.shape
-    n = -(-v // chunk)
-    w_DV = jnp.pad(w_DV, ((0, 0), (0, n * chunk - v)))
-    valid_KC = (jnp.arange(n * chunk) < v).reshape(n, chunk)
-    return w_DV.reshape(d, n, chunk).transpose(1, 0, 2), valid_KC
+def _chunk(w_DV: jax.Array, k: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(start, w_DC, valid_C)``: chunk k's columns; the last chunk ends at V and its columns
+    that chunk k-1 already covered are not valid (no padded copy of w is made)."""
+    start = jnp.minimum(k * chunk, w_DV.shape[1] - chunk)
+    return start, jax.lax.dynamic_slice_in_dim(w_DV, start, chunk, axis=1), start + jnp.arange(chunk) >= k * chunk
 
 
 def _logits(h_ND: jax.Array, w_DC: jax.Array, valid_C: jax.Array) -> jax.Array:
@@ -33,17 +31,17 @@ def _logits(h_ND: jax.Array, w_DC: jax.Array, valid_C: jax.Array) -> jax.Array:
 
 
 def _logsumexp(h_ND: jax.Array, w_DV: jax.Array, chunk: int) -> jax.Array:
-    w_KDC, valid_KC = _chunks(w_DV, chunk)
-
-    def sweep(carry, xs):
+    def sweep(carry, k):
         m_N, s_N = carry
-        logits_NC = _logits(h_ND, *xs)
+        _, w_DC, valid_C = _chunk(w_DV, k, chunk)
+        logits_NC = _logits(h_ND, w_DC, valid_C)
         m_new = jnp.maximum(m_N, jnp.max(logits_NC, axis=-1))
         s_N = s_N * jnp.exp(m_N - m_new) + jnp.sum(jnp.exp(logits_NC - m_new[:, None]), axis=-1)
         return (m_new, s_N), None
 
     n = h_ND.shape[0]
-    (m_N, s_N), _ = jax.lax.scan(sweep, (jnp.full((n,), -jnp.inf), jnp.zeros((n,))), (w_KDC, valid_KC))
+    init = (jnp.full((n,), -jnp.inf), jnp.zeros((n,)))
+    (m_N, s_N), _ = jax.lax.scan(sweep, init, jnp.arange(-(-w_DV.shape[1] // chunk)))
     return m_N + jnp.log(s_N)
 
 
@@ -54,31 +52,35 @@ def _target_logit(h_ND: jax.Array, w_DV: jax.Array, t_N: jax.Array) -> jax.Array
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def token_nll(h_ND: jax.Array, w_DV: jax.Array, t_N: jax.Array, chunk: int) -> jax.Array:
     """float32 ``-log softmax(h @ w)[n, t_n]`` per row, computed ``chunk`` vocabulary columns at a time."""
+    chunk = min(chunk, w_DV.shape[1])
     return _logsumexp(h_ND, w_DV, chunk) - _target_logit(h_ND, w_DV, t_N)
 
 
 def _fwd(h_ND, w_DV, t_N, chunk):
-    lse_N = _logsumexp(h_ND, w_DV, chunk)
+    lse_N = _logsumexp(h_ND, w_DV, min(chunk, w_DV.shape[1]))
     return lse_N - _target_logit(h_ND, w_DV, t_N), (h_ND, w_DV, t_N, lse_N)
 
 
 def _bwd(chunk, res, g_N):
     h_ND, w_DV, t_N, lse_N = res
-    w_KDC, valid_KC = _chunks(w_DV, chunk)
+    chunk = min(chunk, w_DV.shape[1])
+    h32_ND = h_ND.astype(jnp.float32)
 
-    def sweep(dh_ND, xs):
-        w_DC, valid_C = xs
-        # d(logsumexp)/d(logits) = softmax, recomputed from this chunk's logits and the saved lse.
+    def sweep(carry, k):
+        dh_ND, dw_DV = carry
+        start, w_DC, valid_C = _chunk(w_DV, k, chunk)
+        # d(logsumexp)/d(logits) = softmax, recomputed from this chunk's logits and the saved lse;
+        # columns another chunk owns have p = 0, so adding over them changes nothing.
         p_NC = jnp.exp(_logits(h_ND, w_DC, valid_C) - lse_N[:, None]) * g_N[:, None]
         dh_ND = dh_ND + jnp.einsum("nc,dc->nd", p_NC, w_DC.astype(jnp.float32))
-        return dh_ND, jnp.einsum("nd,nc->dc", h_ND.astype(jnp.float32), p_NC)
+        dw_DC = jax.lax.dynamic_slice_in_dim(dw_DV, start, chunk, axis=1) + jnp.einsum("nd,nc->dc", h32_ND, p_NC)
+        return (dh_ND, jax.lax.dynamic_update_slice_in_dim(dw_DV, dw_DC, start, axis=1)), None
 
-    dh_ND, dw_KDC = jax.lax.scan(sweep, jnp.zeros(h_ND.shape, jnp.float32), (w_KDC, valid_KC))
-    d, v = w_DV.shape
-    dw_DV = dw_KDC.transpose(1, 0, 2).reshape(d, -1)[:, :v]
+    init = (jnp.zeros(h_ND.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
+    (dh_ND, dw_DV), _ = jax.lax.scan(sweep, init, jnp.arange(-(-w_DV.shape[1] // chunk)))
     # The target logit's part: -g at the target column.
     dh_ND = dh_ND - g_N[:, None] * jnp.take(w_DV, t_N, axis=1).T.astype(jnp.float32)
-    dw_DV = dw_DV.at[:, t_N].add(-(h_ND.astype(jnp.float32) * g_N[:, None]).T)
+    dw_DV = dw_DV.at[:, t_N].add(-(h32_ND * g_N[:, None]).T)
     return dh_ND.astype(h_ND.dtype), dw_DV.astype(w_DV.dtype), None
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks users can run: `clipjax-bench loss|data|compile|train`."""
+"""Benchmarks users can run: `clipjax-bench loss|data|compile|train|patches ...`."""
 
 from __future__ import annotations
 
