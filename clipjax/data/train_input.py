@@ -244,7 +244,8 @@ class TrainIterator:
 
     Yields ``{"image": uint8 [b, P, P, 3], "image_box": float32 [b, 4], "image_hw": int32 [b, 2],
     "text": int32 [b, L]}`` (the image fields are described in ``resize.py``, which
-    turns them into model input on the device). ``b`` is the per-process batch as
+    turns them into model input on the device), and with decoder targets ``"dec_ids": int32
+    [b, N]``, ``"dec_target": bool [b, N]`` (``data.locca``). ``b`` is the per-process batch as
     numpy, or the global batch as ``jax.Array`` sharded over the batch axes when a
     mesh was given. Save with the weights via ``save_args`` / ``restore_args``.
     """
