@@ -35,15 +35,21 @@ def decoder_batch(c, seed):
     return batch
 
 
+@pytest.fixture(scope="module")
+def tiny_model():
+    """``(config, model, params)`` of a tiny CLIP with a decoder, shared by the tests that need weights."""
+    c = decoder_config()
+    model = build_model(c.model)
+    images, ids = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, c.model.text.context_length), jnp.int32)
+    return c, model, jax.jit(model.init)(jax.random.key(0), images, ids)["params"]
+
+
 # ----------------------------------------------------------------------------- masking
 
 
-def test_no_decoder_position_sees_the_future_and_padding_is_ignored():
-    c = decoder_config()
-    model = build_model(c.model)
+def test_no_decoder_position_sees_the_future_and_padding_is_ignored(tiny_model):
+    c, model, params = tiny_model
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
-    ids = jnp.zeros((2, c.model.text.context_length), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), images, ids)["params"]
     _, tokens = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image_tokens))(params, images)
     length = 7  # 4 real ids and 2 pads after them, + the last target
     ids_BL = jnp.asarray([[270, 5, 6, 7, 8, 0, 0, 0]] * 2, jnp.int32)
@@ -173,14 +179,12 @@ def test_sharded_step_equals_unsharded(devices):
                  jax.device_get(eight.params["decoder"]), jax.device_get(one.params["decoder"]))
 
 
-def test_greedy_decoding_with_the_kv_cache_equals_the_full_forward(devices):
+def test_greedy_decoding_with_the_kv_cache_equals_the_full_forward(devices, tiny_model):
     from clipjax.evals.captioning import greedy_decoder
 
-    c = decoder_config()
-    model = build_model(c.model)
+    c, model, params = tiny_model
     batch = make_batch(c, 0)
     crops = {k: jnp.asarray(batch[k][:8]) for k in ("image", "image_box", "image_hw")}
-    params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))["params"]
     length = c.model.decoder.max_length
     prefix = np.zeros((8, length), np.int32)
     prefix[:, 0], prefix[:, 1] = 270, np.arange(8) + 3
@@ -231,13 +235,11 @@ def test_resume_with_the_decoder_is_bitwise(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
 
 
-def test_two_tower_export_leaves_the_decoder_out(tmp_path):
+def test_two_tower_export_leaves_the_decoder_out(tiny_model):
     from clipjax.interop import openclip
 
-    with_dec = decoder_config()
+    with_dec, _, params = tiny_model
     plain = decoder_config(**{"model.decoder.enabled": False})
-    images, ids = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32)
-    params = jax.jit(build_model(with_dec.model).init)(jax.random.key(0), images, ids)["params"]
     assert "decoder" in params
     towers = {k: v for k, v in params.items() if k != "decoder"}
     sd = openclip.state_dict_from_params(params, with_dec.model)
