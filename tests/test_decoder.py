@@ -166,7 +166,7 @@ def test_coordinate_tokens_round_trip():
 def test_sharded_step_equals_unsharded(devices):
     # eps=1 keeps Adam's first step linear in the gradient (see test_train_step), so the
     # updates compare the gradients.
-    opts = {"optim.eps": 1.0, "optim.weight_decay": 0.0, "optim.warmup_steps": 0}
+    opts = {"optim.eps": 1.0, "optim.weight_decay": 0.0, "optim.warmup_steps": 0, "model.decoder.depth": 1}
     batches = [decoder_batch(decoder_config(), 0)]
     one, h1 = run_steps(decoder_config(**opts, **{"mesh.data": 1}), batches, devices[:1])
     eight, h8 = run_steps(decoder_config(**opts, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), batches,
