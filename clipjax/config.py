@@ -96,6 +96,26 @@ def _model_config() -> ml_collections.ConfigDict:
         "init_logit_scale": ph(float),  # derived: log(1/0.07) softmax, log(10) sigmoid
         "max_logit_scale": 100.0,
         "init_logit_bias": ph(float),  # derived: -10 for sigmoid, none for softmax
+        "decoder": {  # LocCa captioning decoder trained beside the towers (loss.decoder); dropped after training
+            "enabled": False,
+            # From the size row: the text tower's width, heads and MLP with half its layers.
+            "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
+            "max_length": ph(int),  # decoder input tokens; derived: model.text.context_length
+            "tied": True,  # output layer = input embedding transposed; False: a kernel of its own
+            "vocab_size": ph(int),  # derived: tokenizer + loss.decoder.num_bins coordinates + 4 task/mask ids
+        },
+    })
+
+
+def _decoder_loss_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "weight": 1.0,  # times the decoder's mean token NLL, added to the contrastive loss
+        # Task mix among examples with a region in their crop (relative frequencies; others caption).
+        "mix_cap": 1.0, "mix_aref": 1.0, "mix_gcap": 1.0,
+        "parallel_fraction": 0.5,  # CapPa: examples predicting every target at once from mask tokens
+        "num_bins": 500,  # quantisation bins per box coordinate (extra vocabulary ids)
+        "min_visible": 0.5,  # a region counts when this fraction of its box is inside the training crop
+        "vocab_chunk": 8192,  # vocabulary columns per step of the chunked cross-entropy
     })
 
 
@@ -138,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
         "kind": "softmax",  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)
         "impl": "chunked",  # dense | allgather | chunked | ring
         "chunk_size": config_dict.placeholder(int),  # column tile for chunked/ring; unset: chosen from memory
+        "decoder": _decoder_loss_config(),  # LocCa (model.decoder.enabled)
     })
     c.mesh = ml_collections.ConfigDict({
         "data": -1, "fsdp": 1, "tensor": 1,  # within a slice; one size may be -1
@@ -325,7 +346,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
 
         _check_choice(m.size, list(SIZES), "model.size")
         _fill(m, {k: v for k, v in get_size(m.size).items()})
-        for tower in ("image", "text"):
+        for tower in ("image", "text", "decoder"):
             t = m[tower]
             if t.width % t.heads:
                 raise ConfigError(f"model.{tower}.width={t.width} is not divisible by model.{tower}.heads={t.heads}")
@@ -351,6 +372,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
         elif m.text.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
                               f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer.vocab_size})")
+        _validate_decoder(c, tokenizer.vocab_size)
         _check_choice(c.loss.kind, losses.KINDS, "loss.kind")
         _check_choice(c.loss.impl, losses.IMPLS, "loss.impl")
         sigmoid = c.loss.kind == "sigmoid"
@@ -402,6 +424,27 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
                     f"(mesh data x fsdp) times train.grad_accum={t.grad_accum}")
         _as_config_error(validate_evals_config, c.evals)
     return c
+
+
+def _validate_decoder(c: ml_collections.ConfigDict, text_vocab: int) -> None:
+    """Derives the decoder's length and vocabulary; checks the loss.decoder fields."""
+    from clipjax.data.locca import NUM_SPECIAL
+
+    md, d = c.model.decoder, c.loss.decoder
+    if md.max_length is None:
+        md.max_length = c.model.text.context_length
+    if d.num_bins < 2:
+        raise ConfigError(f"loss.decoder.num_bins={d.num_bins} must be at least 2")
+    md.vocab_size = text_vocab + d.num_bins + NUM_SPECIAL
+    mix = (d.mix_cap, d.mix_aref, d.mix_gcap)
+    if min(mix) < 0 or sum(mix) <= 0:
+        raise ConfigError(f"loss.decoder.mix_cap/mix_aref/mix_gcap={mix} must be >= 0 with a positive sum")
+    if not 0.0 <= d.parallel_fraction <= 1.0 or not 0.0 < d.min_visible <= 1.0:
+        raise ConfigError(f"loss.decoder.parallel_fraction={d.parallel_fraction} must be in [0, 1] and "
+                          f"loss.decoder.min_visible={d.min_visible} in (0, 1]")
+    if d.vocab_chunk < 1 or md.max_length < 6:
+        raise ConfigError(f"loss.decoder.vocab_chunk={d.vocab_chunk} must be positive and model.decoder.max_length="
+                          f"{md.max_length} at least 6 (a task id, a short text and four coordinates)")
 
 
 def _as_config_error(check: Callable[[Any], None], section: Any) -> None:

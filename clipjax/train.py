@@ -50,10 +50,12 @@ class LossSpikeError(UserError, RuntimeError):
 
 def _default_data_iterator(config, mesh) -> Any:
     from clipjax.data import train_input
+    from clipjax.data.locca import DecoderTargets
 
     return train_input.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
-        context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
+        context_length=config.model.text.context_length, seed=config.seed, mesh=mesh,
+        decoder=DecoderTargets.from_config(config))
 
 
 def _switch_data(old, new):

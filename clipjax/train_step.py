@@ -25,7 +25,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipjax import losses, optim, sharding
+from clipjax import locca, losses, optim, sharding
 from clipjax.data import resize
 from clipjax.models import CLIP, build_model, dummy_inputs, num_kept, random_keep
 from clipjax.stages import Phase, data_config, final_phase
@@ -53,6 +53,7 @@ class Setup:
     rules: tuple
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    decoder_loss: locca.DecoderLoss | None = None  # the LocCa objective beside the contrastive one
 
     def batch_shardings(self) -> dict[str, NamedSharding]:
         return {key: sharding.batch_sharding(self.mesh, len(shape) + 1)
@@ -62,8 +63,12 @@ class Setup:
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-example shape and dtype of each train batch field (what the input pipeline yields)."""
     p = config.data.buffer_size
-    return {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
+    spec = {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
             "text": ((config.model.text.context_length,), jnp.int32)}
+    if config.model.decoder.enabled:  # data.locca's targets: max_length inputs and the last target
+        length = config.model.decoder.max_length + 1
+        spec.update(dec_ids=((length,), jnp.int32), dec_target=((length,), jnp.bool_))
+    return spec
 
 
 def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
@@ -85,7 +90,7 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
     state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, consecutive_skips=repl, total_skips=repl)
     abstract = jax.eval_shape(functools.partial(_init_state, model, tx, config), jax.random.key(0))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    return Setup(config, model, tx, schedule, mesh, rules, state_sh, abstract)
+    return Setup(config, model, tx, schedule, mesh, rules, state_sh, abstract, locca.DecoderLoss.from_config(config))
 
 
 def _init_state(model: CLIP, tx, config, rng: jax.Array, params: Any = None) -> TrainState:
@@ -139,8 +144,13 @@ def patch_keep(config, phase: Phase, batch_size: int, rng: jax.Array) -> jax.Arr
 
 
 def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_BK: jax.Array | None,
-                   phase: Phase | None = None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """``(loss, loss metrics, grads)`` of a global batch; ``keep_BK``: FLIP's kept patches or None."""
+                   phase: Phase | None = None,
+                   dec: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """``(loss, loss metrics, grads)`` of a global batch; ``keep_BK``: FLIP's kept patches or None.
+
+    ``dec`` (``locca.DecoderLoss.prepare``): the decoder's inputs; its loss is added to the
+    contrastive one. Per example, so with micro-batches each adds its share in the second pass.
+    """
     config, model = setup.config, setup.model
     phase = phase or final_phase(config)
     k = config.train.grad_accum
@@ -148,17 +158,25 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
     dtype = jnp.dtype(config.model.dtype)
     interpolation = config.data.interpolation
 
-    def embed(params, crops, ids, keep):
+    def embed(params, crops, ids, keep, dec=None):
+        """``(zimg, ztxt)``, and with ``dec`` the decoder's per-task NLL sums (``locca.DecoderLoss.nll_sums``)."""
         # A locked tower (LiT) gets no gradient at all: cheaper, and it stays out of clipping.
         params = dict(params)
         for tower, locked in (("image", config.optim.lock_image), ("text", config.optim.lock_text)):
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
-        images = resize.model_images(crops, phase.image_size, interpolation)
-        zimg = model.apply(v, images.astype(dtype), keep, method=CLIP.encode_image)
+        images = resize.model_images(crops, phase.image_size, interpolation).astype(dtype)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
-        return zimg, ztxt
+        if dec is None:
+            return model.apply(v, images, keep, method=CLIP.encode_image), ztxt
+        zimg, tokens_BPD = model.apply(v, images, keep, method=CLIP.encode_image_tokens)
+        decode = functools.partial(model.apply, v, method=CLIP.decode)
+        return zimg, ztxt, setup.decoder_loss.nll_sums(decode, tokens_BPD, dec)
+
+    def add_decoder(loss, metrics, nll_K):
+        dec_loss, dec_metrics = setup.decoder_loss.loss(nll_K, dec)
+        return loss + dec_loss, {**metrics, "contrastive_loss": loss, **dec_metrics}
 
     def scale_bias(params):
         return model.apply({"params": params}, method=CLIP.scale_and_bias)
@@ -171,8 +189,9 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
     crops = resize.image_fields(batch)  # uint8 crop buffers with their boxes, resized inside `embed`
     if k == 1:
         def full_loss(p):
-            zimg, ztxt = embed(p, crops, batch["text"], keep_BK)
-            return loss_from_embeddings(zimg, ztxt, p)
+            zimg, ztxt, *nll = embed(p, crops, batch["text"], keep_BK, dec)
+            loss, metrics = loss_from_embeddings(zimg, ztxt, p)
+            return add_decoder(loss, metrics, nll[0]) if dec is not None else (loss, metrics)
 
         (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
         return loss, metrics, grads
@@ -185,14 +204,23 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
     (loss, metrics), (g_zimg, g_ztxt, grads_sb) = jax.value_and_grad(
         loss_from_embeddings, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, params)
     g_zimg_K, g_ztxt_K = _split_micro(g_zimg, k), _split_micro(g_ztxt, k)
+    dec_K = None if dec is None else jax.tree.map(lambda x: _split_micro(x, k), dec)
+    # The decoder loss is a sum over examples scaled by a constant (weight / target tokens in the
+    # global batch): each micro-batch's cotangent of its NLL sums is that constant, known up front.
+    g_nll = None if dec is None else jax.grad(lambda n: setup.decoder_loss.loss(n, dec)[0])(
+        jnp.zeros((len(locca.TASKS),), jnp.float32))
 
-    def accumulate(grads, xs):
-        crops, ids, keep, gi, gt = xs
-        _, vjp = jax.vjp(lambda p: embed(p, crops, ids, keep), params)
-        (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype)))
-        return jax.tree.map(jnp.add, grads, g), None
+    def accumulate(carry, xs):
+        grads, nll_K = carry
+        crops, ids, keep, gi, gt, dec_m = xs
+        out, vjp = jax.vjp(lambda p: embed(p, crops, ids, keep, dec_m), params)
+        (g,) = vjp((gi.astype(zimg.dtype), gt.astype(ztxt.dtype), *([] if dec_m is None else [g_nll])))
+        return (jax.tree.map(jnp.add, grads, g), nll_K + (0.0 if dec_m is None else out[2])), None
 
-    grads, _ = jax.lax.scan(accumulate, grads_sb, (crops_K, ids_K, keep_K, g_zimg_K, g_ztxt_K))
+    nll0 = jnp.zeros((len(locca.TASKS),), jnp.float32)
+    (grads, nll_K), _ = jax.lax.scan(accumulate, (grads_sb, nll0), (crops_K, ids_K, keep_K, g_zimg_K, g_ztxt_K, dec_K))
+    if dec is not None:
+        loss, metrics = add_decoder(loss, metrics, nll_K)
     return loss, metrics, grads
 
 
@@ -207,7 +235,8 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
     phase = phase or final_phase(config)
     params = state.params
     keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(config.seed, state.step))
-    loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase)
+    dec = None if setup.decoder_loss is None else setup.decoder_loss.prepare(batch, state.step)
+    loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase, dec)
 
     # The one pass over the gradients besides the update: clipping reuses this norm.
     grad_norm = optax.global_norm(grads)

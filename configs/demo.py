@@ -7,15 +7,16 @@ never seen in training) and retrieval recall are printed at the end.
 
 Argument (optional): ``steps=N``, ``batch=N``, ``smoke`` (a seconds-long run
 with the smallest towers, used by the tests), ``data=DIR`` (where the synthetic
-dataset lives).
+dataset lives), ``decoder`` (SigLIP 2's LocCa decoder trained beside the towers
+on the shapes' captions and boxes, with a captioning / referring evaluation).
 """
 
 from clipjax.config import base_config, parse_arg
-from clipjax.evals.config import retrieval_eval, zeroshot_eval
+from clipjax.evals.config import captioning_eval, retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic")
+    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic", decoder=False)
     c = base_config()
     c.seed = 0
     m = c.model
@@ -58,6 +59,15 @@ def get_config(arg=None):
     c.evals.synthetic_zeroshot = zeroshot_eval(source="synthetic", split="heldout", every=0)
     c.evals.synthetic_retrieval = retrieval_eval(source="synthetic", split="heldout", every=0)
 
+    if a.decoder:
+        # One block of the text tower's width; 32 coordinate bins: one per image pixel.
+        m.decoder.update(enabled=True, width=64, depth=1, heads=2, mlp_dim=256, max_length=32)
+        c.loss.decoder.num_bins = 32
+        # SigLIP 2 weighs the decoder 1; with these tiny towers that cost 2.7 points of held-out
+        # zero-shot, 0.25 none (docs/benchmarks.md).
+        c.loss.decoder.weight = 0.25
+        c.evals.synthetic_captioning = captioning_eval(source="synthetic", split="heldout", every=0)
+
     if a.smoke:
         m.image.update(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
         m.text.update(width=32, depth=1, heads=2, mlp_dim=64, context_length=48)
@@ -72,4 +82,7 @@ def get_config(arg=None):
         c.train.report = False
         c.evals.synthetic_zeroshot.every = 4
         c.evals.synthetic_retrieval.max_examples = 64
+        if a.decoder:
+            m.decoder.update(width=32, heads=2, mlp_dim=64)
+            c.evals.synthetic_captioning.max_examples = 64
     return c

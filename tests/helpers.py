@@ -1,6 +1,7 @@
 """Helpers shared by several test files (imported as ``helpers``: pytest puts tests/ on sys.path)."""
 
 import io
+import os
 import pathlib
 import tarfile
 
@@ -9,9 +10,11 @@ import jax
 import numpy as np
 from PIL import Image
 
+from clipjax import checkpoint as ckpt_lib
 from clipjax import sharding
 from clipjax.config import base_config, load_config, validate
 from clipjax.data import records
+from clipjax.report import read_metrics
 from clipjax.train_step import batch_spec, compile_train_step, init_state, make_setup
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
@@ -174,3 +177,37 @@ def make_tars(root):
         add_member(tar, "100.jpg", good["gray"]), add_member(tar, "100.txt", b"gray")
         add_member(tar, "101.png", good["gray16"]), add_member(tar, "101.txt", b"sixteen bit")
     return root
+
+
+def losses_of(workdir):
+    """step -> train/loss of a run's metrics.jsonl."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "train/loss" in r}
+
+
+def final_params(workdir):
+    """The latest checkpoint's step and its params as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    step = ckpt_lib.Checkpointer(workdir, every=1, keep=10).latest_step()
+    state_dir = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "state")
+    return step, ocp.StandardCheckpointer().restore(state_dir)["params"]
+
+
+def run_in_process(main, argv, capsys):
+    """Runs a command's main in this process: (exit status, stdout, stderr)."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err  # sys.exit(None) is status 0
+
+
+def assert_one_line_error(code, err, prog, *hints):
+    """Exit status 2 and one stderr line `PROG: error: ...` holding every hint."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    for hint in hints:
+        assert hint in lines[0], (hint, lines[0])

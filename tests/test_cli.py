@@ -10,25 +10,11 @@ import pytest
 from clipjax import config as config_lib
 from clipjax.errors import UserError, closest, run_cli
 from clipjax.main import eval_main, train_main
+from helpers import assert_one_line_error, run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")
 CLIP = str(ROOT / "configs" / "clip.py")
-
-
-def run_in_process(main, argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err  # sys.exit(None) is status 0
-
-
-def assert_one_line_error(code, err, prog, *hints):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
-    for hint in hints:
-        assert hint in lines[0], (hint, lines[0])
 
 
 def test_closest_names_by_spelling_and_initials():

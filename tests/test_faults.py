@@ -569,7 +569,7 @@ def test_a_host_round_trip_inside_the_loop_fails_under_the_transfer_guard(data_d
 
 def test_start_up_mistakes_of_round_two_are_one_line(labelled_data, tmp_path, capsys):
     import jax.numpy as jnp
-    from test_cli import assert_one_line_error, run_in_process
+    from helpers import assert_one_line_error, run_in_process
 
     from clipjax.main import eval_main, train_main
 

@@ -14,17 +14,12 @@ import pytest
 from clipjax import checkpoint as ckpt_lib
 from clipjax.report import read_metrics
 from clipjax.train import NonFiniteError, train
-from helpers import DEMO, smoke
+from helpers import DEMO, final_params, losses_of, smoke
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
-
-
-def losses_of(workdir):
-    return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-            if "train/loss" in r}
 
 
 def test_loss_falls_on_learnable_data(data_dir, tmp_path):
@@ -129,15 +124,6 @@ def _cli(workdir, data_dir, *extra):
     return cmd, env
 
 
-def _final_params(workdir):
-    """The latest checkpoint's step and its params as host numpy arrays."""
-    import orbax.checkpoint as ocp
-
-    step = ckpt_lib.Checkpointer(workdir, every=1, keep=10).latest_step()
-    state_dir = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "state")
-    return step, ocp.StandardCheckpointer().restore(state_dir)["params"]
-
-
 @pytest.mark.slow
 def test_sigkill_then_restart_equals_uninterrupted_run(data_dir, tmp_path):
     extra = ["--config.train.steps=12", "--config.checkpoint.every=4", "--config.checkpoint.async_save=false"]
@@ -160,7 +146,7 @@ def test_sigkill_then_restart_equals_uninterrupted_run(data_dir, tmp_path):
     ref_losses, run_losses = losses_of(ref), losses_of(run)
     assert sorted(run_losses) == sorted(ref_losses) == list(range(1, 13))
     assert run_losses == ref_losses  # bitwise on CPU
-    (s1, p1), (s2, p2) = _final_params(ref), _final_params(run)
+    (s1, p1), (s2, p2) = final_params(ref), final_params(run)
     assert s1 == s2 == 12
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
 
@@ -223,7 +209,7 @@ def test_standalone_eval_matches_the_in_training_eval(data_dir, tmp_path):
     logged = {k: v for r in rows for k, v in r.items()
               if k.startswith(("zeroshot/", "retrieval/")) and isinstance(v, (int, float))}
     assert "zeroshot/synthetic_zeroshot/top1" in logged and "retrieval/synthetic_retrieval/t2i_r1" in logged
-    by_hand = _zeroshot_by_hand(c, _final_params(str(tmp_path))[1], data_dir)
+    by_hand = _zeroshot_by_hand(c, final_params(str(tmp_path))[1], data_dir)
     assert {k: logged[f"zeroshot/synthetic_zeroshot/{k}"] for k in by_hand} == pytest.approx(by_hand, abs=1e-9)
     got = evaluate(smoke(data_dir, "--config.train.steps=4", "--config.checkpoint.every=2"), str(tmp_path))
     for key, value in logged.items():

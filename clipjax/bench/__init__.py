@@ -1,1 +1,1 @@
-"""Benchmarks users can run: `clipjax-bench loss|data|compile|train`."""
+"""Benchmarks users can run: `clipjax-bench loss|data|compile|train|vocab|patches ...`."""

@@ -20,6 +20,8 @@ SUITES = {
     "train": "clipjax.bench.train",
     "convert": "clipjax.bench.convert",
     "masking": "clipjax.bench.masking",
+    "patches": "clipjax.bench.patches",
+    "vocab": "clipjax.bench.vocab",
 }
 
 

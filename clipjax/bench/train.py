@@ -22,11 +22,15 @@ vocabulary, embedding), batch, fp32, AdamW (lr, betas, eps, decay mask) and
 clip-norm in open-clip-torch in a second process (``openclip_step.py``), pins
 both processes to the same cores, alternates rounds between them and reports
 ``vs_openclip``: clipjax samples/s over OpenCLIP's, the median of the per-round
-ratios.
+ratios. ``--vs=decoder`` times, in the same process and alternating rounds, the same
+step with SigLIP 2's LocCa decoder on (``model.decoder.enabled``, full-length targets)
+and reports ``decoder_step_ratio``: its step time over the step without, the median of
+the per-round ratios.
 
     clipjax-bench train --model=B/32 --batch=32 --vs=openclip
     clipjax-bench train --config=configs/demo.py --batch=128 --vs=openclip
     clipjax-bench train --model=B/16 --batch=256 --dtype=bfloat16 --remat=none,dots_no_batch
+    clipjax-bench train --model=B/16 --batch=16 --vs=decoder --data=excluded
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def _parse(argv):
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (interleaved with OpenCLIP's under --vs)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--vs", default="", choices=["", "openclip"], help="also time the same step in OpenCLIP")
+    p.add_argument("--vs", default="", choices=["", "openclip", "decoder"],
+                   help="also time the same step in OpenCLIP, or with the LocCa decoder on")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU cores both processes are pinned to (0: all this process may use)")
     p.add_argument("--data_dir", default="", help="synthetic dataset folder (default: a temporary folder)")
@@ -124,6 +129,12 @@ def device_batch(setup, seed: int = 0) -> dict:
             ids = rng.integers(1, t.vocab_size - 1, (b, *shape), dtype=np.int32)
             ids[:, -1] = t.eot_id
             out[key] = ids
+        elif key == "dec_ids":  # a caption filling the decoder's whole length: its full cost
+            ids = rng.integers(1, config.model.text.vocab_size - 1, (b, *shape), dtype=np.int32)
+            ids[:, 0] = setup.decoder_loss.first_task_id
+            out[key] = ids
+        elif key == "dec_target":
+            out[key] = np.arange(shape[0])[None].repeat(b, 0) > 0
     shardings = setup.batch_shardings()
     return {k: jax.device_put(v, shardings[k]) for k, v in out.items()}
 
@@ -229,6 +240,8 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
     worker = None
     if args.vs == "openclip":
         worker = OpenClipWorker(openclip_spec(config, len(cores) if cores else os.cpu_count(), args.warmup), cores)
+    elif args.vs == "decoder":
+        worker = DecoderStep(config, mesh, args.warmup)
     rows = []
     try:
         for data in args.data:
@@ -238,9 +251,12 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
             elif data == "included":
                 from clipjax.data import train_input
 
+                from clipjax.data.locca import DecoderTargets
+
                 it = train_input.make_train_iterator(
                     config.data, global_batch_size=batch_size, image_size=config.model.image.image_size,
-                    context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
+                    context_length=config.model.text.context_length, seed=config.seed, mesh=mesh,
+                    decoder=DecoderTargets.from_config(config))
                 next_batch = lambda: next(it)
             else:
                 raise SystemExit(f"--data={data!r}: choose excluded or included")
@@ -265,7 +281,10 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
                        mfu=mfu_lib.mfu(model_flops, step_s, peak),
                        hfu=mfu_lib.mfu(hw_flops, step_s, peak) if hw_flops else float("nan"),
                        compile_s=compile_s, **_peak_memory(compiled, devices))
-            if theirs:
+            if theirs and args.vs == "decoder":
+                row["decoder_step_s"] = statistics.median(theirs) / args.steps
+                row["decoder_step_ratio"] = statistics.median(t / m for m, t in zip(mine, theirs))
+            elif theirs:
                 row["openclip_samples_per_s"] = batch_size * args.steps / statistics.median(theirs)
                 row["vs_openclip"] = statistics.median(t / m for m, t in zip(mine, theirs))
             row["faults/step"] = statistics.median(u[0] for u in usage[1:])  # after the warm-up round
@@ -280,6 +299,37 @@ def bench_case(config, devices, args, cores) -> list[dict[str, Any]]:
         if worker is not None:
             worker.close()
     return rows
+
+
+class DecoderStep:
+    """The same step with the LocCa decoder on: ``run(steps)`` times that many steps (seconds)."""
+
+    def __init__(self, config, mesh, warmup: int):
+        import ml_collections
+
+        from clipjax import config as config_lib
+        from clipjax.train_step import compile_train_step, init_state, make_setup
+
+        config = ml_collections.ConfigDict(config.to_dict())  # a copy; the decoder's sizes are already derived
+        config.model.decoder.enabled = True
+        config = config_lib.validate(config, mesh.size)
+        self.setup = make_setup(config, mesh)
+        self.step = compile_train_step(self.setup)
+        self.state = init_state(self.setup, config.seed)
+        self.batch = device_batch(self.setup, seed=1)
+        self.run(warmup)
+
+    def run(self, steps: int) -> float:
+        import jax
+
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.state, _ = self.step(self.state, self.batch)
+        jax.block_until_ready(self.state)
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.state = None
 
 
 def config_device_count(args) -> int:

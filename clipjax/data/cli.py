@@ -1,7 +1,8 @@
 """``clipjax-data``: convert image-text data into ArrayRecord shards, or write the synthetic set.
 
-  clipjax-data convert csv    --csv FILE --out DIR [--img_key filepath --caption_key title --label_column COL]
-  clipjax-data convert coco   --json FILE --images DIR --out DIR
+  clipjax-data convert csv    --csv FILE --out DIR [--img_key filepath --caption_key title --label_column COL
+                                                --regions_column COL]
+  clipjax-data convert coco   --json FILE --images DIR --out DIR [--instances FILE]
   clipjax-data convert folder ROOT --out DIR [--caption_template "a photo of a {}."]
   clipjax-data convert wds    --tars TAR|GLOB|DIR [...] --out DIR
   clipjax-data synth --out DIR [--num_train N --num_heldout M --image_size S --seed K ...]
@@ -62,12 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--label_column", default=None,
                    help="label column: integer labels, or class names (mapped through <out>/classes.txt)")
     c.add_argument("--sep", default=None, help="column separator (default: tab for .tsv, comma otherwise)")
+    c.add_argument("--regions_column", default=None,
+                   help='JSON regions column: [{"box": [x0, y0, x1, y1] (image fractions), "text": "..."}]')
     _classes(c)
     _common(c)
 
     o = kinds.add_parser("coco", help="COCO captions JSON plus its image folder (labels from 'categories' if present)")
     o.add_argument("--json", required=True, help="e.g. annotations/captions_train2017.json")
     o.add_argument("--images", required=True, help="folder holding the images' file_name paths")
+    o.add_argument("--instances", default=None,
+                   help="COCO instances JSON (e.g. instances_train2017.json): its boxes, named by category, "
+                        "become each image's regions")
     _classes(o)
     _common(o)
 
@@ -135,9 +141,11 @@ def _main(argv: list[str]) -> int:
     try:
         if a.source == "csv":
             summary = convert.convert_csv(a.csv, opts, img_key=a.img_key, caption_key=a.caption_key, sep=a.sep,
-                                          label_column=a.label_column, classes_file=a.classes, **run)
+                                          label_column=a.label_column, classes_file=a.classes,
+                                          regions_column=a.regions_column, **run)
         elif a.source == "coco":
-            summary = convert.convert_coco(a.json, a.images, opts, classes_file=a.classes, **run)
+            summary = convert.convert_coco(a.json, a.images, opts, classes_file=a.classes, instances=a.instances,
+                                           **run)
         elif a.source == "folder":
             summary = convert.convert_folder(a.root, opts, caption_template=a.caption_template,
                                              classes_file=a.classes, **run)

@@ -3,7 +3,10 @@
 One record is a msgpack map::
 
     {"key": str, "image": bytes (encoded JPEG/PNG/WebP), "captions": [str, ...],
-     "label": int (optional, -1 when absent)}
+     "label": int (optional, -1 when absent),
+     "regions": [{"box": [x0, y0, x1, y1], "text": str}, ...] (optional)}
+
+Region boxes are fractions of the image's width and height (0 at the top left).
 
 Shards are ``<dir>/<split>-SSSSS-of-NNNNN.array_record``; a folder of shards is
 read with ``shard_paths(dir, split)``.
@@ -27,18 +30,20 @@ class Example:
     image: bytes
     captions: list[str] = field(default_factory=list)
     label: int = -1
+    regions: list[dict] = field(default_factory=list)  # {"box": [x0, y0, x1, y1] fractions, "text": str}
 
 
 def encode(example: Example) -> bytes:
-    return msgpack.packb(
-        {"key": example.key, "image": example.image, "captions": list(example.captions), "label": int(example.label)},
-        use_bin_type=True,
-    )
+    d = {"key": example.key, "image": example.image, "captions": list(example.captions), "label": int(example.label)}
+    if example.regions:  # absent rather than empty: records without regions stay byte-identical
+        d["regions"] = [{"box": [float(v) for v in r["box"]], "text": str(r["text"])} for r in example.regions]
+    return msgpack.packb(d, use_bin_type=True)
 
 
 def decode(record: bytes) -> Example:
     d = msgpack.unpackb(record, raw=False)
-    return Example(key=d["key"], image=d["image"], captions=list(d.get("captions", [])), label=int(d.get("label", -1)))
+    return Example(key=d["key"], image=d["image"], captions=list(d.get("captions", [])), label=int(d.get("label", -1)),
+                   regions=list(d.get("regions", [])))
 
 
 def shard_name(split: str, index: int, count: int) -> str:

@@ -2,7 +2,7 @@
 
 Every source is a picklable sequence (``len`` and ``src[i]``) whose items are
 ``{"image": bytes (encoded) | uint8 [H, W, C], "captions": list[str], "label": int}``
-(label -1 when unknown), so the pipeline treats all sources alike. Sources
+(label -1 when unknown; ArrayRecord items also carry ``regions``, see records.py), so the pipeline treats all sources alike. Sources
 reopen their files lazily after unpickling, in each grain worker.
 """
 
@@ -43,7 +43,7 @@ class ArrayRecordExamples:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = records.decode(self._open()[int(index)])
-        return {"image": ex.image, "captions": ex.captions, "label": ex.label}
+        return {"image": ex.image, "captions": ex.captions, "label": ex.label, "regions": ex.regions}
 
     def __getstate__(self) -> dict[str, Any]:
         return dict(self.__dict__, _reader=None)  # file handles do not cross processes

@@ -3,7 +3,8 @@
 Each image shows one to three shapes of one colour and size on a plain grey
 background with slight noise; its captions (several paraphrases) name colour,
 shape, count, size and position, class words first, e.g.
-"red circle. two small ones on the left.".
+"red circle. two small ones on the left.". Its regions are each shape's true
+box with its description ("small red circle"), for the LocCa decoder.
 
 Classes are the colour x shape pairs (``CLASSES``, label = index). The
 attribute tuples (colour, shape, size, count, position) are partitioned: every
@@ -31,7 +32,7 @@ from clipjax.data import records
 SPLIT_TRAIN = "train"
 SPLIT_HELDOUT = "heldout"
 INFO_FILE = "info.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: records carry each shape's box ("regions")
 
 # Distinct hues, none starting with a vowel (so "a {colour} {shape}" reads right).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -104,13 +105,14 @@ def captions_for(colour: str, shape: str, size: str, count: str, position: str) 
     ]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill) -> float:
+    """Draws the shape; returns its half extent (its box is the centre +- that)."""
     h = side / 2
     if shape == "circle":
         draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
     elif shape == "square":
-        q = h * 0.88  # a square of the same side looks bigger than the circle
-        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
+        h = h * 0.88  # a square of the same side looks bigger than the circle
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
     elif shape == "triangle":
         draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
     elif shape == "cross":
@@ -119,11 +121,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, sid
         draw.rectangle((cx - t, cy - h, cx + t, cy + h), fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+    return h
 
 
 def draw_image(rng: np.random.Generator, image_size: int, colour: str, shape: str, size: str, count: str,
-               position: str) -> np.ndarray:
-    """uint8 [S, S, 3] picture of ``count`` shapes, one per cell of the region."""
+               position: str) -> tuple[np.ndarray, list[list[float]], list[str]]:
+    """uint8 [S, S, 3] picture of ``count`` shapes, one per cell of the region; each shape's
+    box ``[x0, y0, x1, y1]`` as fractions of the side, and which one it is along the split
+    ("left ", "middle ", "bottom " ...; "" for a single shape)."""
     s = image_size
     bg = int(rng.integers(80, 150))
     img = Image.new("RGB", (s, s), (bg, bg, bg))
@@ -135,6 +140,8 @@ def draw_image(rng: np.random.Generator, image_size: int, colour: str, shape: st
     # middle) and jitter one shape inside each: only large shapes in narrow cells touch, so counts stay readable.
     vertical = (y1 - y0) > (x1 - x0) or ((y1 - y0) == (x1 - x0) and bool(rng.integers(2)))
     order = rng.permutation(n)  # which cell gets which (slightly different) size
+    boxes, names = [], []
+    ends = ("top", "bottom") if vertical else ("left", "right")
     for k in range(n):
         side = _SIZE_FRAC[size] * s * float(rng.uniform(0.9, 1.1))
         h = side / 2 + 1
@@ -144,9 +151,12 @@ def draw_image(rng: np.random.Generator, image_size: int, colour: str, shape: st
             cx0, cy0, cx1, cy1 = x0 + (x1 - x0) * order[k] / n, y0, x0 + (x1 - x0) * (order[k] + 1) / n, y1
         cx = float(rng.uniform(cx0 + h, max(cx0 + h, cx1 - h)))
         cy = float(rng.uniform(cy0 + h, max(cy0 + h, cy1 - h)))
-        _draw_shape(draw, shape, cx, cy, side, fill)
+        e = _draw_shape(draw, shape, cx, cy, side, fill)
+        boxes.append([float(np.clip(v / s, 0.0, 1.0)) for v in (cx - e, cy - e, cx + e, cy + e)])
+        # Which one along the split, so that each region's text names one shape.
+        names.append("" if n == 1 else f"{(ends[0], 'middle', ends[1])[order[k] * 2 // (n - 1)] if n == 3 else ends[order[k]]} ")
     noisy_hw3 = np.asarray(img, np.int16) + rng.integers(-8, 9, (s, s, 3), dtype=np.int16)
-    return np.clip(noisy_hw3, 0, 255).astype(np.uint8)
+    return np.clip(noisy_hw3, 0, 255).astype(np.uint8), boxes, names
 
 
 def make_example(seed: int, split: str, index: int, image_size: int, jpeg_quality: int) -> records.Example:
@@ -155,11 +165,13 @@ def make_example(seed: int, split: str, index: int, image_size: int, jpeg_qualit
     combos = _COMBOS_BY_SPLIT[split]
     label, size, count, position = combos[int(rng.integers(len(combos)))]
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-    pixels = draw_image(rng, image_size, colour, shape, size, count, position)
+    pixels, boxes, names = draw_image(rng, image_size, colour, shape, size, count, position)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=jpeg_quality)
     return records.Example(key=f"{split}-{index:07d}", image=buf.getvalue(),
-                           captions=captions_for(colour, shape, size, count, position), label=label)
+                           captions=captions_for(colour, shape, size, count, position), label=label,
+                           regions=[{"box": box, "text": f"{name}{size} {colour} {shape}"}
+                                    for box, name in zip(boxes, names)])
 
 
 _COMBOS_BY_SPLIT = {SPLIT_TRAIN: _combos(SPLIT_TRAIN), SPLIT_HELDOUT: list(HELDOUT_COMBOS)}

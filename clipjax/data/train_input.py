@@ -31,6 +31,7 @@ from grain.experimental import index_shuffle
 
 from clipjax.data import sources as sources_lib
 from clipjax.data import transforms
+from clipjax.data.locca import DecoderTargets
 from clipjax.data.loading import (DATASET_OPTIONS, SYNC_READ, LazyTokenizer, decode_or_none, log, mp_options,
                                   process_slot, to_global)
 from clipjax.errors import UserError
@@ -42,6 +43,10 @@ _STREAM_END = 2**62  # "endless": positions are plain ints, far beyond any run
 # A grain element carries this many consecutive stream positions: one queue message and
 # one state read per task instead of per example (both cost about as much as the copy).
 _ROWS_PER_TASK = 16
+_DECODER_STREAM = 1  # the decoder targets' generator: apart from the crop's, which stays as it was
+
+
+DECODER_KEYS = ("dec_ids", "dec_target")
 
 
 class DataError(UserError, RuntimeError):
@@ -58,7 +63,8 @@ class _TrainElement:
     """Stream position -> one prepared example (runs in grain workers; picklable)."""
 
     def __init__(self, source, *, seed: int, shuffle: bool, process_index: int, process_count: int,
-                 opts: transforms.ImageOptions, tokenizer: LazyTokenizer, caption_choice: str):
+                 opts: transforms.ImageOptions, tokenizer: LazyTokenizer, caption_choice: str,
+                 decoder: DecoderTargets | None = None):
         self.source, self.seed, self.shuffle = source, int(seed), bool(shuffle)
         self.num_records = len(source)
         self.process_index, self.process_count = process_index, process_count
@@ -67,6 +73,7 @@ class _TrainElement:
             raise DataError(f"{source!r}: {self.num_records} records leave none for process "
                             f"{process_index} of {process_count}; convert more data into it (clipjax-data convert)")
         self.opts, self.tokenizer, self.caption_choice = opts, tokenizer, caption_choice
+        self.decoder = decoder
         self._cached_epoch, self._cached_permutation = -1, np.zeros((0,), np.int64)
 
     def record_of(self, position: int) -> tuple[int, int]:
@@ -103,6 +110,10 @@ class _TrainElement:
             return {"ok": np.False_}
         k = int(rng.integers(len(captions))) if self.caption_choice == "random" else 0
         fields["text"] = self.tokenizer.get()([captions[k]])[0].astype(np.int32)
+        if self.decoder is not None:
+            fields.update(self.decoder.build(fields["text"], ex.get("regions") or (), fields["crop_xyxy"],
+                                             self.tokenizer.get(),
+                                             np.random.default_rng([self.seed, epoch, record, _DECODER_STREAM])))
         fields["ok"] = np.True_
         return fields
 
@@ -119,11 +130,16 @@ class _TrainTask:
         n, length = len(rows), self.fn.tokenizer.context_length
         packed = {"ok": np.asarray([bool(r["ok"]) for r in rows]), "image_hw": np.zeros((n, 2), np.int32),
                   "image_box": np.zeros((n, 4), np.float32), "text": np.zeros((n, length), np.int32)}
+        keys = ["image_hw", "image_box", "text"]
+        if self.fn.decoder is not None:
+            keys += list(DECODER_KEYS)
+            packed["dec_ids"] = np.zeros((n, self.fn.decoder.length), np.int32)
+            packed["dec_target"] = np.zeros((n, self.fn.decoder.length), bool)
         ok_rows = [(i, r) for i, r in enumerate(rows) if r["ok"]]
         pixels = np.empty((sum(r["pixels"].size for _, r in ok_rows),), np.uint8)
         offset = 0
         for i, r in ok_rows:
-            for key in ("image_hw", "image_box", "text"):
+            for key in keys:
                 packed[key][i] = r[key]
             size = r["pixels"].size
             pixels[offset:offset + size].reshape(r["pixels"].shape)[...] = r["pixels"]  # the only copy
@@ -142,7 +158,7 @@ def _unpack(task: dict[str, np.ndarray]) -> list[dict[str, np.ndarray] | None]:
             continue
         h, w = (int(v) for v in task["image_hw"][i])
         rows.append({"pixels": task["pixels"][offset:offset + h * w * 3].reshape(h, w, 3),
-                     "image_hw": task["image_hw"][i], "image_box": task["image_box"][i], "text": task["text"][i]})
+                     **{k: task[k][i] for k in ("image_hw", "image_box", "text", *DECODER_KEYS) if k in task}})
         offset += h * w * 3
     return rows
 
@@ -193,7 +209,9 @@ class _TrainBatches(grain.DatasetIterator):
                 continue
             rows.append(row)
         batch: dict[str, Any] = transforms.batch_regions(rows, self.element_fn.opts.buffer_size)
-        batch["text"] = np.stack([r["text"] for r in rows])
+        for key in ("text", *DECODER_KEYS):
+            if key in rows[0]:
+                batch[key] = np.stack([r[key] for r in rows])
         return batch
 
     def _check_skips(self) -> None:
@@ -226,7 +244,8 @@ class TrainIterator:
 
     Yields ``{"image": uint8 [b, P, P, 3], "image_box": float32 [b, 4], "image_hw": int32 [b, 2],
     "text": int32 [b, L]}`` (the image fields are described in ``resize.py``, which
-    turns them into model input on the device). ``b`` is the per-process batch as
+    turns them into model input on the device), and with decoder targets ``"dec_ids": int32
+    [b, N]``, ``"dec_target": bool [b, N]`` (``data.locca``). ``b`` is the per-process batch as
     numpy, or the global batch as ``jax.Array`` sharded over the batch axes when a
     mesh was given. Save with the weights via ``save_args`` / ``restore_args``.
     """
@@ -298,13 +317,14 @@ class TrainIterator:
 
 
 def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
-                        mesh=None, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+                        mesh=None, process_index: int | None = None, process_count: int | None = None,
+                        decoder: DecoderTargets | None = None) -> TrainIterator:
     """The endless, shuffled, augmented training stream of ``data_cfg.train_split``.
 
     ``process_index`` / ``process_count`` default to jax's; each process yields
     ``global_batch_size // process_count`` examples per batch (drop remainder: an
-    endless stream has none).
+    endless stream has none). With ``decoder`` each example also carries its LocCa
+    targets (``dec_ids``, ``dec_target``; see ``data.locca``).
     """
     from clipjax.data.config import validate_data_config
 
@@ -319,7 +339,7 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     fn = _TrainElement(source, seed=seed, shuffle=data_cfg.shuffle, process_index=pi, process_count=pc,
                        opts=transforms.ImageOptions.from_config(data_cfg, image_size),
                        tokenizer=LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path),
-                       caption_choice=data_cfg.caption_choice)
+                       caption_choice=data_cfg.caption_choice, decoder=decoder)
     workers = int(data_cfg.num_workers)
     # Workers keep about `prefetch` batches ready between them.
     worker_buffer = max(2, -(-max(1, data_cfg.prefetch) * local_batch // (max(1, workers) * _ROWS_PER_TASK)))

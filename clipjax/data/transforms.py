@@ -175,17 +175,25 @@ def batch_regions(rows: Sequence[Mapping[str, np.ndarray]], buffer_size: int) ->
             "image_hw": np.stack([r["image_hw"] for r in rows])}
 
 
+def _cut_with_crop(img: Image.Image, box: Box, opts: ImageOptions) -> dict[str, np.ndarray]:
+    """``cut_region``'s fields plus ``crop_xyxy``: the box as fractions of the image (where region boxes live)."""
+    fields = cut_region(img, box, opts)
+    fields["crop_xyxy"] = np.asarray(box, np.float32) / np.asarray([img.width, img.height] * 2, np.float32)
+    return fields
+
+
 def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: ImageOptions) -> dict[str, np.ndarray]:
-    """Decode and draw a random resized crop (``cut_region``'s output)."""
+    """Decode and draw a random resized crop (``cut_region``'s output and ``crop_xyxy``)."""
     img = to_rgb(image, opts.draft_size)
-    return cut_region(img, random_crop_box(rng, img.width, img.height, opts.crop_scale, opts.crop_ratio), opts)
+    return _cut_with_crop(img, random_crop_box(rng, img.width, img.height, opts.crop_scale, opts.crop_ratio), opts)
 
 
 EVAL_CROPS = ("centre", "openclip")
 
 
-def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> dict[str, np.ndarray]:
-    """Decode and cut the eval crop: resize shorter side + centre crop in one box.
+def eval_image(image: bytes | np.ndarray, opts: ImageOptions, crop: bool = False) -> dict[str, np.ndarray]:
+    """Decode and cut the eval crop: resize shorter side + centre crop in one box (with ``crop``, also
+    ``crop_xyxy``: the box as fractions of the image).
 
     ``eval_crop="centre"``: the exact centred square. ``"openclip"``: OpenCLIP's
     validation transform (``openclip_crop_box``) from a full decode (no JPEG
@@ -199,6 +207,6 @@ def eval_image(image: bytes | np.ndarray, opts: ImageOptions) -> dict[str, np.nd
             # bicubic pass, so resize here as OpenCLIP does; the device's resampling is then the identity.
             img = img.resize(_openclip_resized(img.width, img.height, opts.image_size), Image.BICUBIC)
             box = openclip_crop_box(img.width, img.height, opts.image_size)
-        return cut_region(img, box, opts)
+        return (_cut_with_crop if crop else cut_region)(img, box, opts)
     img = to_rgb(image, opts.draft_size)
-    return cut_region(img, centre_crop_box(img.width, img.height), opts)
+    return (_cut_with_crop if crop else cut_region)(img, centre_crop_box(img.width, img.height), opts)

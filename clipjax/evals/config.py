@@ -23,7 +23,7 @@ import ml_collections
 from clipjax.data.config import SOURCES
 from clipjax.evals.classnames import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
-EVAL_KINDS = ("zeroshot", "retrieval")
+EVAL_KINDS = ("zeroshot", "retrieval", "captioning")
 
 
 def _common(kind: str) -> dict[str, Any]:
@@ -65,6 +65,12 @@ def retrieval_eval(**overrides: Any) -> ml_collections.ConfigDict:
     return _apply(d, overrides, "retrieval_eval")
 
 
+def captioning_eval(**overrides: Any) -> ml_collections.ConfigDict:
+    """A LocCa decoder entry (``model.decoder.enabled``): greedy captions scored by CIDEr and BLEU-4,
+    referring-expression box accuracy (IoU >= 0.5) against the mean-box baseline."""
+    return _apply(_common("captioning"), overrides, "captioning_eval")
+
+
 def _apply(d: dict[str, Any], overrides: dict[str, Any], fn: str) -> ml_collections.ConfigDict:
     unknown = sorted(set(overrides) - set(d))
     if unknown:
@@ -73,7 +79,8 @@ def _apply(d: dict[str, Any], overrides: dict[str, Any], fn: str) -> ml_collecti
     return ml_collections.ConfigDict(d)
 
 
-_FIELDS = {"zeroshot": set(zeroshot_eval().keys()), "retrieval": set(retrieval_eval().keys())}
+_FIELDS = {"zeroshot": set(zeroshot_eval().keys()), "retrieval": set(retrieval_eval().keys()),
+           "captioning": set(captioning_eval().keys())}
 
 
 def evals_config() -> ml_collections.ConfigDict:
@@ -144,7 +151,7 @@ def validate_evals_config(evals: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"{key}: classnames/templates='info' read the folder's info.json; source is tfds")
             if e.class_batch_size <= 0:
                 raise ValueError(f"{key}.class_batch_size={e.class_batch_size} must be positive")
-        else:
+        elif kind == "retrieval":
             if e.source == "tfds" and not e.text_key:
                 raise ValueError(f"{key}.text_key: retrieval on TFDS needs the caption feature, e.g. 'captions/text'")
             if e.max_captions < 1:

@@ -1,4 +1,4 @@
-"""Runs the evaluations of ``config.evals`` at their cadence: zero-shot and retrieval passes.
+"""Runs the evaluations of ``config.evals`` at their cadence: zero-shot, retrieval and captioning passes.
 
 ``Evaluator(config, setup)`` is ``evaluate(step, state, writer, final=False)`` for the
 training loop; ``Evaluator.run(params)`` backs ``clipjax-eval`` (``clipjax.evaluate``).
@@ -54,6 +54,8 @@ class Evaluator:
         self.encoders = Encoders(setup.model, config.model, config.data.interpolation)
         # zero-shot entry -> (class names, templates, tokenizer); what fails here fails before training
         self._prompts: dict[str, tuple] = preflight.check_entries(config)
+        self._model = setup.model
+        self._greedy = None  # the compiled greedy decoder, built by the first captioning entry
         multiple = math.lcm(sharding.batch_size_divisor(self.mesh), jax.process_count())
         self._round = lambda b: -(-int(b) // multiple) * multiple
 
@@ -80,8 +82,8 @@ class Evaluator:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(jax.set_mesh(self.mesh))
                 stack.enter_context(nn.logical_axis_rules(self.rules))
-                run = self._zeroshot if e.kind == "zeroshot" else self._retrieval
-                m, c = run(name, e, params)
+                run = {"zeroshot": self._zeroshot, "retrieval": self._retrieval, "captioning": self._captioning}
+                m, c = run[e.kind](name, e, params)
             prefix = f"{e.kind}/{name}/"
             metrics.update({prefix + k: v for k, v in m.items()})
             chance.update({prefix + k: v for k, v in c.items()})
@@ -132,3 +134,24 @@ class Evaluator:
         owner = np.nonzero(tmask_v)[0].astype(np.int32)  # [M] index of each caption's image
         ztxt_v = ztxt[mask][tmask_v]
         return retrieval_lib.retrieval_metrics(zimg_v, ztxt_v, owner, mesh=self.mesh, chunk_size=e.chunk_size)
+
+    def _captioning(self, name: str, e, params) -> tuple[dict[str, float], dict[str, float]]:
+        from clipjax.data import sources, transforms
+        from clipjax.data.locca import DecoderTargets
+        from clipjax.data.tokenizer import get_tokenizer
+        from clipjax.evals import captioning
+
+        targets = DecoderTargets.from_config(self.config)
+        if targets is None:
+            raise UserError(f"config.evals.{name} is a captioning eval but model.decoder.enabled is off; "
+                            "enable the decoder or drop the entry")
+        data_cfg = datasets.eval_data_config(self.config, e)
+        if self._greedy is None:
+            self._greedy = captioning.greedy_decoder(self._model, self.config.model, self.config.data.interpolation)
+        m = captioning.evaluate(
+            self._greedy, params, sources.open_source(data_cfg, default_split(e)), mesh=self.mesh,
+            tokenizer=get_tokenizer(data_cfg.tokenizer, context_length=self.config.model.text.context_length,
+                                    bpe_path=data_cfg.bpe_path or None),
+            targets=targets, opts=transforms.ImageOptions.from_config(data_cfg, self.config.model.image.image_size),
+            batch_size=self._round(e.batch_size), limit=e.max_examples)
+        return m, {"aref_acc": m["aref_mean_box_acc"]} if "aref_mean_box_acc" in m else {}

@@ -11,7 +11,7 @@ from clipjax.metrics import to_json_value
 from clipjax.progress import format_value, table_lines
 
 _HEADLINE_SUFFIXES = ("/top1", "/top5", "_r1", "_r5", "_r10", "_median_rank", "/modality_gap", "/pos_sim",
-                      "/neg_sim")
+                      "/neg_sim", "/cider", "/bleu4", "/aref_acc")
 
 
 def headline_table(metrics: Mapping[str, float], chance: Mapping[str, float]) -> dict[str, str]:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipjax.models.clip import CLIP, l2_normalise
+from clipjax.models.decoder import Decoder
 from clipjax.models.masking import num_kept, random_keep
 from clipjax.models.posemb import resample_image_pos, resample_text_pos, resize_params
 from clipjax.models.sizes import SIZES, get_size
@@ -20,7 +21,7 @@ from clipjax.models.towers import ImageTower, TextTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-__all__ = ["CLIP", "ImageTower", "TextTower", "SIZES", "get_size", "build_model", "count_params", "l2_normalise",
+__all__ = ["CLIP", "Decoder", "build_decoder", "ImageTower", "TextTower", "SIZES", "get_size", "build_model", "count_params", "l2_normalise",
            "dummy_inputs", "num_kept", "random_keep", "resample_image_pos", "resample_text_pos", "resize_params"]
 
 
@@ -42,7 +43,18 @@ def build_model(m) -> CLIP:
         width=m.text.width, depth=m.text.depth, num_heads=m.text.heads, mlp_dim=m.text.mlp_dim,
         vocab_size=m.text.vocab_size, context_length=m.text.context_length, embed_dim=m.embed_dim,
         pool=m.text.pool, causal=m.text.causal, pad_id=m.text.pad_id, eot_id=m.text.get("eot_id"), **common)
-    return CLIP(image=image, text=text, init_logit_scale=m.init_logit_scale, init_logit_bias=m.init_logit_bias)
+    return CLIP(image=image, text=text, init_logit_scale=m.init_logit_scale, init_logit_bias=m.init_logit_bias,
+                decoder=build_decoder(m))
+
+
+def build_decoder(m, decode: bool = False) -> Decoder | None:
+    """The captioning decoder of a validated ``config.model`` (None when ``model.decoder.enabled`` is off)."""
+    d = m.get("decoder")
+    if d is None or not d.enabled:
+        return None
+    return Decoder(width=d.width, depth=d.depth, num_heads=d.heads, mlp_dim=d.mlp_dim, vocab_size=d.vocab_size,
+                   max_length=d.max_length, tied=d.tied, act=m.act, ln_eps=m.ln_eps, remat=m.remat, scan=m.scan,
+                   dtype=_dtype(m.dtype), decode=decode)
 
 
 def dummy_inputs(m, batch: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -75,13 +75,20 @@ LayerNorm = functools.partial(
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention through `jax.nn.dot_product_attention` (fused where available)."""
+    """Multi-head attention through `jax.nn.dot_product_attention` (fused where available).
+
+    ``mask_BS`` is a key mask ``[B, S]`` or a per-query mask ``[B, T, S]``. With
+    ``decode`` the keys and values live in the "cache" collection: self-attention
+    appends the new tokens' at the cache index; cross-attention projects its
+    ``xkv_BSD`` at the first step only and reads the cache after.
+    """
 
     num_heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
     in_std: float = 0.02
     out_std: float = 0.02
+    decode: bool = False
 
     @nn.compact
     def __call__(self, xq_BTD: jax.Array, xkv_BSD: jax.Array | None = None, *, is_causal: bool = False,
@@ -98,9 +105,17 @@ class MultiHeadAttention(nn.Module):
             return checkpoint_name(constrain(y, ("act_batch", "act_len", "act_heads", "act_kv")), f"{name}_proj")
 
         q_BTNH = proj("query", xq_BTD)
-        k_BSNH = proj("key", xkv_BSD)
-        v_BSNH = proj("value", xkv_BSD)
-        mask = None if mask_BS is None else mask_BS[:, None, None, :]
+        cross = xkv_BSD is not xq_BTD
+        if self.decode and self.has_variable("cache", "key"):
+            k_BSNH, v_BSNH, mask_BS = self._cached_kv(proj, xkv_BSD, cross, mask_BS)
+            is_causal = False
+        else:
+            k_BSNH, v_BSNH = proj("key", xkv_BSD), proj("value", xkv_BSD)
+            if self.decode:  # the first call (init) sizes the cache
+                self.variable("cache", "key", jnp.zeros_like, k_BSNH)
+                self.variable("cache", "value", jnp.zeros_like, v_BSNH)
+                self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        mask = None if mask_BS is None else mask_BS[:, None, None, :] if mask_BS.ndim == 2 else mask_BS[:, None]
         o_BTNH = checkpoint_name(jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal),
                                  "attn_context")
         w_out = param_with_axes(self, "out_kernel", nn.initializers.normal(self.out_std), (n, h, d),
@@ -108,6 +123,22 @@ class MultiHeadAttention(nn.Module):
         b_out = param_with_axes(self, "out_bias", nn.initializers.zeros, (d,), ("norm",))
         y_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, w_out.astype(self.dtype)) + b_out.astype(self.dtype)[None, None]
         return checkpoint_name(constrain(y_BTD, ("act_batch", "act_len", "act_embed")), "attn_out")
+
+    def _cached_kv(self, proj, xkv_BSD, cross: bool, mask_BS):
+        """Keys, values and key mask of one decoding step, the cache updated."""
+        ck, cv = self.variable("cache", "key"), self.variable("cache", "value")
+        index = self.variable("cache", "index")
+        i = index.value
+        if cross:  # the image's keys and values do not change from step to step: project them once
+            ck.value, cv.value = jax.lax.cond(i == 0, lambda: (proj("key", xkv_BSD), proj("value", xkv_BSD)),
+                                              lambda: (ck.value, cv.value))
+        else:  # append this step's token; the keys after it are not written yet
+            ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, proj("key", xkv_BSD), i, axis=1)
+            cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, proj("value", xkv_BSD), i, axis=1)
+            seen_BS = jnp.broadcast_to(jnp.arange(ck.value.shape[1])[None] <= i, ck.value.shape[:2])
+            mask_BS = seen_BS if mask_BS is None else mask_BS & seen_BS
+        index.value = i + 1
+        return ck.value, cv.value, mask_BS
 
 
 class Mlp(nn.Module):
@@ -143,6 +174,10 @@ class Block(nn.Module):
     With ``query_B`` (int32 ``[B]``) only that token's output is computed (``[B, 1, D]``):
     it attends to every key it would attend to in the full block, so its row is the
     full block's row at that index, for a fraction of the work.
+
+    With ``cross`` (a decoder block) a cross-attention sub-layer to ``cross_BSD``
+    (``[B, S, D]``: another tower's tokens) sits between self-attention and MLP;
+    ``decode`` runs one token at a time with keys and values cached.
     """
 
     num_heads: int
@@ -153,17 +188,20 @@ class Block(nn.Module):
     ln_eps: float = 1e-5
     causal: bool = False
     dtype: Dtype = jnp.float32
+    cross: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None,
-                 query_B: jax.Array | None = None) -> jax.Array:
+                 query_B: jax.Array | None = None, cross_BSD: jax.Array | None = None) -> jax.Array:
         width = x_BTD.shape[-1]
         # OpenCLIP-style init: residual branches shrink with depth.
         attn_std = width**-0.5
         out_std = width**-0.5 * (2 * self.depth) ** -0.5
         fc_std = (2 * width) ** -0.5
         y_BTD = LayerNorm(self.ln_eps, self.dtype, name="ln_attn")(x_BTD)
-        attn = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, attn_std, out_std, name="attn")
+        attn = MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, attn_std, out_std, self.decode,
+                                  name="attn")
         if query_B is None:
             x_BTD = x_BTD + attn(y_BTD, is_causal=self.causal, mask_BS=mask_BT)
         else:
@@ -171,6 +209,10 @@ class Block(nn.Module):
                 seen_BT = jnp.arange(x_BTD.shape[1])[None, :] <= query_B[:, None]
                 mask_BT = seen_BT if mask_BT is None else mask_BT & seen_BT
             x_BTD = take_rows(x_BTD, query_B) + attn(take_rows(y_BTD, query_B), y_BTD, mask_BS=mask_BT)
+        if self.cross:
+            y = LayerNorm(self.ln_eps, self.dtype, name="ln_cross")(x_BTD)
+            x_BTD = x_BTD + MultiHeadAttention(self.num_heads, self.head_dim, self.dtype, attn_std, out_std,
+                                               self.decode, name="cross_attn")(y, cross_BSD)
         y = LayerNorm(self.ln_eps, self.dtype, name="ln_mlp")(x_BTD)
         y = Mlp(self.mlp_dim, self.act, self.dtype, fc_std, out_std, name="mlp")(y)
         x_BTD = constrain(x_BTD + y, ("act_batch", "act_len", "act_embed"))
@@ -181,8 +223,8 @@ class _ScanBlock(Block):
     """Block with the (carry, _) -> (carry, None) signature nn.scan expects."""
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BT=None):  # type: ignore[override]
-        return Block.__call__(self, x_BTD, mask_BT), None
+    def __call__(self, x_BTD, mask_BT=None, cross_BSD=None):  # type: ignore[override]
+        return Block.__call__(self, x_BTD, mask_BT, cross_BSD=cross_BSD), None
 
 
 class Transformer(nn.Module):
@@ -198,10 +240,12 @@ class Transformer(nn.Module):
     remat: str = "none"
     scan: bool = True
     dtype: Dtype = jnp.float32
+    cross: bool = False  # decoder blocks: cross-attention to `cross_BSD` (see Block)
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None,
-                 query_B: jax.Array | None = None) -> jax.Array:
+                 query_B: jax.Array | None = None, cross_BSD: jax.Array | None = None) -> jax.Array:
         """``[B, T, D]`` outputs; with ``query_B``, only the last block's row at that index (``[B, 1, D]``).
 
         A tower that pools one token (the class token, the end-of-text token) passes its
@@ -211,7 +255,8 @@ class Transformer(nn.Module):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, depth=self.depth,
-                      act=self.act, ln_eps=self.ln_eps, causal=self.causal, dtype=self.dtype)
+                      act=self.act, ln_eps=self.ln_eps, causal=self.causal, dtype=self.dtype, cross=self.cross,
+                      decode=self.decode)
         block_cls = _ScanBlock if self.scan else Block
         last_cls = Block
         if self.remat != "none":
@@ -219,15 +264,16 @@ class Transformer(nn.Module):
             last_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
 
         def scanned(length: int, **where):
-            return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+            return nn.scan(block_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                           in_axes=nn.broadcast,
                            length=length, metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, **where)
 
         if query_B is None or self.is_initializing():  # every row of every block (init creates all the params)
             if self.scan:
-                x_BTD, _ = scanned(self.depth, name="blocks")(x_BTD, mask_BT)
+                x_BTD, _ = scanned(self.depth, name="blocks")(x_BTD, mask_BT, cross_BSD)
             else:
                 for i in range(self.depth):
-                    x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT)
+                    x_BTD = block_cls(**kwargs, name=f"block_{i}")(x_BTD, mask_BT, cross_BSD=cross_BSD)
             return x_BTD if query_B is None else take_rows(x_BTD, query_B)
         if not self.scan:
             for i in range(self.depth - 1):

@@ -33,7 +33,14 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def decoder_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The captioning decoder of a size: SigLIP 2's LocCa decoder has the text tower's shape, half its layers."""
+    t = row["text"]
+    return {"width": t["width"], "depth": max(1, t["depth"] // 2), "heads": t["heads"], "mlp_dim": t["mlp_dim"]}
+
+
 def get_size(name: str) -> dict[str, Any]:
+    """The size row with its ``decoder`` (``decoder_row``)."""
     if name not in SIZES:
         raise ValueError(f"model.size={name!r} is not in the size table; choose one of {list(SIZES)}")
-    return SIZES[name]
+    return {**SIZES[name], "decoder": decoder_row(SIZES[name])}

@@ -63,8 +63,11 @@ class ImageTower(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images_BHWC: jax.Array, keep_BK: jax.Array | None = None) -> jax.Array:
+    def __call__(self, images_BHWC: jax.Array, keep_BK: jax.Array | None = None, tokens: bool = False):
         """Embeds images of any size divisible by the patch size.
+
+        With ``tokens`` it returns ``(embedding_BE, tokens_BPD)``, the final-norm tokens
+        before pooling too (what a captioning decoder cross-attends to).
 
         At another size than ``image_size`` the position table is resampled
         (``posemb.resample_image_pos``). ``keep_BK`` (FLIP masking, training only)
@@ -98,11 +101,12 @@ class ImageTower(nn.Module):
         if self.ln_pre:
             x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_pre")(x_BPD)
         # The class token's row is all that "tok" pooling reads.
-        query_B = jnp.zeros((b,), jnp.int32) if self.pool == "tok" else None
+        query_B = jnp.zeros((b,), jnp.int32) if self.pool == "tok" and not tokens else None
         x_BPD = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
                             causal=False, remat=self.remat, scan=self.scan, dtype=self.dtype, name="transformer")(
             x_BPD, query_B=query_B)
         x_BPD = LayerNorm(self.ln_eps, self.dtype, name="ln_post")(x_BPD)
+        tokens_BPD = x_BPD
         if self.pool == "tok":
             x_BD = x_BPD[:, 0]
         elif self.pool == "gap":
@@ -110,7 +114,8 @@ class ImageTower(nn.Module):
         else:
             x_BD = MapHead(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype, name="map_head")(x_BPD)
         w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
-        return jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
+        z_BE = jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
+        return (z_BE, tokens_BPD) if tokens else z_BE
 
 
 class TextTower(nn.Module):

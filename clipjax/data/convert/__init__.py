@@ -51,21 +51,27 @@ def _convert_listed(items: list[Item], ident: dict[str, Any], classes: ClassName
 
 def convert_csv(csv_path: str, opts: ConvertOptions, *, img_key: str = "filepath", caption_key: str = "title",
                 sep: str | None = None, label_column: str | None = None, classes_file: str | None = None,
-                runner: str | None = None, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+                regions_column: str | None = None, runner: str | None = None,
+                beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """CSV/TSV -> shards; ``label_column`` holds int labels or class names (then mapped through
-    ``<out>/classes.txt``). Returns the summary."""
+    ``<out>/classes.txt``); ``regions_column`` holds JSON regions (``inputs.parse_regions``).
+    Returns the summary."""
     classes = ClassNames(opts.out_dir, classes_file)
     items, ident = inputs.csv_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep,
-                                    label_column=label_column, classes=classes)
+                                    label_column=label_column, classes=classes, regions_column=regions_column)
     extra = {"img_key": img_key, "caption_key": caption_key, "sep": sep, "label_column": label_column}
+    if regions_column:  # only when set: fingerprints of earlier conversions stay valid
+        extra["regions_column"] = regions_column
     return _convert_listed(items, ident, classes, opts, f"csv:{csv_path}", extra, runner, beam_args)
 
 
 def convert_coco(json_path: str, image_dir: str, opts: ConvertOptions, *, classes_file: str | None = None,
-                 runner: str | None = None, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-    """COCO-captions JSON + image folder -> shards, one example per image (by id). Returns the summary."""
+                 instances: str | None = None, runner: str | None = None,
+                 beam_args: Sequence[str] = ()) -> dict[str, Any]:
+    """COCO-captions JSON + image folder -> shards, one example per image (by id), with the instance
+    boxes of ``instances`` (e.g. instances_train2017.json) as regions. Returns the summary."""
     classes = ClassNames(opts.out_dir, classes_file)
-    items, ident = inputs.coco_items(json_path, image_dir, classes)
+    items, ident = inputs.coco_items(json_path, image_dir, classes, instances)
     return _convert_listed(items, ident, classes, opts, f"coco:{json_path}", {}, runner, beam_args)
 
 

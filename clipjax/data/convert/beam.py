@@ -40,7 +40,7 @@ def _uncaption(c: list) -> bytes | str:
 
 def encode_task(task: ShardTask) -> bytes:
     items = [[it.key, [_caption(c) for c in it.captions], it.image_path, it.image, it.label,
-              list(it.skip) if it.skip else None, it.origin] for it in task.items]
+              list(it.skip) if it.skip else None, it.origin, list(it.regions)] for it in task.items]
     return msgpack.packb([task.index, task.count, task.tar, task.tag, items], use_bin_type=True)
 
 
@@ -48,8 +48,8 @@ def decode_task(data: bytes) -> ShardTask:
     index, count, tar, tag, items = msgpack.unpackb(data, raw=False)
     return ShardTask(index, count, tar=tar, tag=tag, items=tuple(
         Item(key=k, captions=tuple(_uncaption(c) for c in caps), image_path=path, image=image, label=label,
-             skip=tuple(skip) if skip else None, origin=origin)
-        for k, caps, path, image, label, skip, origin in items))
+             skip=tuple(skip) if skip else None, origin=origin, regions=tuple(regions))
+        for k, caps, path, image, label, skip, origin, regions in items))
 
 
 def plan_dir(opts: ConvertOptions) -> str:

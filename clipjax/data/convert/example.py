@@ -34,6 +34,7 @@ class Item:
     label: int = -1
     skip: tuple[str, str] | None = None  # (reason, detail) decided while listing/streaming the input
     origin: str = ""  # where the example came from when that is not image_path (tar:key)
+    regions: tuple[dict, ...] = ()  # {"box": [x0, y0, x1, y1] image fractions, "text": str} (records.py)
 
     @property
     def input(self) -> str:
@@ -133,4 +134,4 @@ def make_example(item: Item, opts: ConvertOptions, stats: ShardStats) -> records
     stats.written += 1
     stats.labelled += int(item.label >= 0)
     stats.max_label = max(stats.max_label, item.label)
-    return records.Example(key=item.key, image=data, captions=captions, label=item.label)
+    return records.Example(key=item.key, image=data, captions=captions, label=item.label, regions=list(item.regions))
