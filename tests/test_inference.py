@@ -83,6 +83,13 @@ def test_zero_shot_accuracy_equals_clipjax_eval(run, model):
     assert model.step == 7 and len(examples) == 12
     assert np.mean(result.index == labels) == metrics["zeroshot/zeroshot/top1"]
     np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, rtol=1e-5)
+    # The eval's retrieval counts a caption identical to a right one as right ("a photo of a blue bar." is
+    # every blue bar's caption): image->text top-1 is then the zero-shot top-1 with a single template.
+    captions = [ex.captions[0] for ex in examples]
+    s = model.encode_images([ex.image for ex in examples]) @ model.encode_texts(captions).T
+    right = np.asarray(captions)[:, None] == np.asarray(captions)[None, :]
+    i2t_r1 = np.mean([not (s[i][~right[i]] >= s[i][right[i]].max()).any() for i in range(len(examples))])
+    assert metrics["retrieval/retrieval/i2t_r1"] == i2t_r1 > 0
 
 
 def test_embeddings_batch_and_pad_like_one_unpadded_call(model, run):
