@@ -157,3 +157,18 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
     assert "x.png: cannot read the image" in err[0]
     assert "nothing: no such file or folder" in err[1]
     assert "expected FILE.npy or FILE.parquet" in err[2]
+
+
+def test_load_openclip_weights_through_the_same_api(model, tmp_path):
+    """An OpenCLIP export of the run (readable by others: not 0600) loads with clipjax.load and embeds texts alike."""
+    from clipjax.interop import openclip
+
+    path = tmp_path / "export" / "model.safetensors"
+    model_cfg = openclip.export_weights(jax.device_get(model.params), model.config.model, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    other = clipjax.load(path, model=model_cfg, batch_size=8)
+    assert other.step is None and other.config.data.tokenizer == model.config.data.tokenizer
+    texts = ["a photo of a red square.", "a blue bar"]
+    np.testing.assert_allclose(other.encode_texts(texts), model.encode_texts(texts), atol=1e-6)
