@@ -7,7 +7,8 @@ never seen in training) and retrieval recall are printed at the end.
 
 Argument (optional): ``steps=N``, ``batch=N``, ``smoke`` (a seconds-long run
 with the smallest towers, used by the tests), ``data=DIR`` (where the synthetic
-dataset lives).
+dataset lives; default ``workdirs/synthetic``, ``workdirs/synthetic-smoke`` with
+``smoke``, whose dataset is smaller).
 """
 
 from clipjax.config import base_config, parse_arg
@@ -15,7 +16,7 @@ from clipjax.evals.config import retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic")
+    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="")
     c = base_config()
     c.seed = 0
     m = c.model
@@ -47,7 +48,7 @@ def get_config(arg=None):
     c.checkpoint.keep = 2
 
     c.data.source = "synthetic"
-    c.data.path = a.data
+    c.data.path = a.data or ("workdirs/synthetic-smoke" if a.smoke else "workdirs/synthetic")
     c.data.tokenizer = "bytes"
     c.data.num_workers = 0
     c.data.prefetch = 2
