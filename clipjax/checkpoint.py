@@ -150,16 +150,20 @@ def check_compatible(saved_json: str, current_json: str) -> None:
 
 
 class _QuietOrbaxFailures(logging.Filter):
-    """Drops the tracebacks orbax logs (several times over) for a failed background save.
+    """Drops the tracebacks orbax logs (several times over) for a failed background save, and its
+    warning about a missing per-item metadata file on every restore of a step that lacks one.
 
     CheckpointSaveError reports the failure once, naming the path; ``--verbosity=0``
     (absl INFO) keeps orbax's tracebacks for debugging.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and "orbax" in record.pathname and absl_logging.get_verbosity() < absl_logging.INFO:
+        if absl_logging.get_verbosity() >= absl_logging.INFO:
+            return True
+        if record.exc_info and "orbax" in record.pathname:
             record.exc_info, record.exc_text = None, None
-        return True
+        # Orbax looks for a per-item metadata file that params-only and older saves lack, then reads the step anyway.
+        return not str(record.msg).startswith("Metadata file does not exist")
 
 
 _QUIET_ORBAX = _QuietOrbaxFailures()
