@@ -21,7 +21,15 @@ which a training process needs every step anyway. ``CLIPJAX_HEAP_REUSE=0`` turns
 saved ~1.5% of a step on a freshly booted VM; on one that had run for hours the kernel
 spent 11-13 s a step compacting memory for them.
 
-Tunables are read when a process starts, hence the re-execution. What was added is
+**The CPU as the config's devices** (when JAX will run on the CPU): ``JAX_PLATFORMS=cpu``,
+so JAX never loads libtpu (installed with the ``test`` and ``tpu`` extras), which would
+otherwise print its TPU probes on every command; and, when the command's config asks for
+a mesh of several devices and ``XLA_FLAGS`` names no device count,
+``--xla_force_host_platform_device_count`` with the count the mesh needs
+(:func:`cpu_device_count`), so ``clipjax-train --config=configs/demo.py`` runs on the 8
+simulated devices its ``data=4 x fsdp=2`` mesh names, as ``make demo`` does.
+
+Tunables and device flags are read when a process starts, hence the re-execution. What was added is
 recorded in the environment, so that a comparison's other side (the OpenCLIP worker of
 ``clipjax-bench train``) runs in the environment the user gave.
 """
@@ -30,12 +38,16 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import sys
+from typing import Callable, Sequence
 
 HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=1099511627776")  # 1 TiB: never
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 ACCELERATOR_DEVICES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")  # TPU, GPU
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+MAX_FILLED_DEVICES = 8  # a mesh axis of -1 fills at most this many simulated devices (at most one per core)
 ADDED_MARK = "CLIPJAX_HOST_ENV_ADDED"  # JSON {variable: the user's value or null}, set by the re-execution
 
 
@@ -64,28 +76,56 @@ def jax_runs_on_cpu(env: dict[str, str]) -> bool:
     return not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
 
 
-def settings(env: dict[str, str]) -> dict[str, str]:
-    """The variables the re-execution sets (new values), given the environment the user gave."""
+def cpu_device_count(mesh_sizes: Sequence[int], batch_size: int, cores: int) -> int:
+    """Simulated CPU devices for a mesh of ``mesh_sizes`` (data, fsdp, tensor; -1 fills): the fixed
+    axes' product, or with an axis to fill the most devices up to ``min(cores, MAX_FILLED_DEVICES)``
+    over which the global batch still divides."""
+    fixed = math.prod(s for s in mesh_sizes if s > 0)
+    if all(s > 0 for s in mesh_sizes):
+        return fixed
+    tensor = mesh_sizes[-1] if mesh_sizes[-1] > 0 else 1
+    for n in range(max(fixed, min(cores, MAX_FILLED_DEVICES)), fixed - 1, -1):
+        if n % fixed == 0 and batch_size % (n // tensor) == 0:
+            return n
+    return fixed
+
+
+def settings(env: dict[str, str], cpu_devices: Callable[[], int | None] | None = None) -> dict[str, str]:
+    """The variables the re-execution sets (new values), given the environment the user gave.
+
+    ``cpu_devices()``: the simulated CPU devices the command's config needs (None: JAX's default).
+    """
+    out = {}
+    on_cpu = jax_runs_on_cpu(env)
+    if on_cpu and not env.get("JAX_PLATFORMS"):
+        out["JAX_PLATFORMS"] = "cpu"
+    xla_flags = env.get("XLA_FLAGS", "")
+    if on_cpu and cpu_devices is not None and DEVICE_COUNT_FLAG not in xla_flags:
+        n = cpu_devices()
+        if n is not None and n > 1:
+            out["XLA_FLAGS"] = f"{xla_flags} {DEVICE_COUNT_FLAG}={n}".strip()
     if not sys.platform.startswith("linux") or _glibc_version() is None:
-        return {}
+        return out
     user_tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     user_keys = {t.split("=")[0] for t in user_tunables}
     tunables = []
-    if env.get("CLIPJAX_HEAP_REUSE", "1") != "0" and jax_runs_on_cpu(env):
+    if env.get("CLIPJAX_HEAP_REUSE", "1") != "0" and on_cpu:
         tunables += HEAP_REUSE_TUNABLES
     if env.get("CLIPJAX_HUGE_PAGES", "0") == "1" and _glibc_version() >= (2, 35) and _thp_available():
         tunables.append(HUGE_PAGES_TUNABLE)
     tunables = [t for t in tunables if t.split("=")[0] not in user_keys]  # the user's own values win
-    return {"GLIBC_TUNABLES": ":".join(user_tunables + tunables)} if tunables else {}
+    if tunables:
+        out["GLIBC_TUNABLES"] = ":".join(user_tunables + tunables)
+    return out
 
 
-def configure() -> None:
+def configure(cpu_devices: Callable[[], int | None] | None = None) -> None:
     """Re-executes this process once with :func:`settings` applied, then turns async dispatch off for heap reuse.
 
     Call it first thing in a command-line entry point (nothing else runs twice), before
     JAX starts its backends.
     """
-    added = {} if ADDED_MARK in os.environ else settings(dict(os.environ))
+    added = {} if ADDED_MARK in os.environ else settings(dict(os.environ), cpu_devices)
     if added:
         env = dict(os.environ, **added, **{ADDED_MARK: json.dumps({k: os.environ.get(k) for k in added})})
         sys.stdout.flush()

@@ -172,9 +172,24 @@ def _eval(cmd: CommandLine) -> None:
     evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
 
 
+def _cpu_devices(argv: Sequence[str]) -> int | None:
+    """The simulated CPU devices the command line's config needs (None: no config, several processes)."""
+    spec, overrides, rest = split_config_args(argv)
+    if not spec or any(a.split("=", 1)[0] in ("--num_processes", *_HELP_ARGS) for a in rest):
+        return None
+    from clipjax import config as config_lib, sharding
+
+    try:
+        config = config_lib.load_config(spec, overrides)
+    except Exception:  # noqa: BLE001 - the run itself reports the mistake, in one line
+        return None
+    sizes = sharding.mesh_axis_sizes(config.mesh)
+    return host_env.cpu_device_count(sizes, int(config.train.batch_size), len(os.sched_getaffinity(0)))
+
+
 def _run(prog: str, body: Callable[[CommandLine], None], argv: Sequence[str] | None) -> None:
     if argv is None:  # the command line, not a caller in this process
-        host_env.configure()
+        host_env.configure(lambda: _cpu_devices(sys.argv[1:]))
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         status = run_cli(prog, lambda a: app.run(body, argv=[prog, *a], flags_parser=_flags_parser(prog)), argv)

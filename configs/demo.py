@@ -7,8 +7,10 @@ never seen in training) and retrieval recall are printed at the end.
 
 Argument (optional): ``steps=N``, ``batch=N``, ``smoke`` (a seconds-long run
 with the smallest towers, used by the tests), ``data=DIR`` (where the synthetic
-dataset lives), ``decoder`` (SigLIP 2's LocCa decoder trained beside the towers
-on the shapes' captions and boxes, with a captioning / referring evaluation).
+dataset lives; default ``workdirs/synthetic``, ``workdirs/synthetic-smoke`` with
+``smoke``, whose dataset is smaller), ``decoder`` (SigLIP 2's LocCa decoder trained
+beside the towers on the shapes' captions and boxes, with a captioning / referring
+evaluation).
 """
 
 from clipjax.config import base_config, parse_arg
@@ -16,7 +18,7 @@ from clipjax.evals.config import captioning_eval, retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic", decoder=False)
+    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="", decoder=False)
     c = base_config()
     c.seed = 0
     m = c.model
@@ -48,7 +50,7 @@ def get_config(arg=None):
     c.checkpoint.keep = 2
 
     c.data.source = "synthetic"
-    c.data.path = a.data
+    c.data.path = a.data or ("workdirs/synthetic-smoke" if a.smoke else "workdirs/synthetic")
     c.data.tokenizer = "bytes"
     c.data.num_workers = 0
     c.data.prefetch = 2

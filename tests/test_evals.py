@@ -85,6 +85,44 @@ def test_retrieval_ranks_equal_brute_force_with_ties(mesh_name, chunk_size):
     assert any((s[owner[j]][j] == np.delete(s[:, j], owner[j])).any() for j in range(owner.size))
 
 
+def brute_ranks_merged(zimg, ztxt, owner, text_id):
+    """Ranks by counting, identical texts being one answer: right(i, j) when caption j's text is one of image i's."""
+    s = zimg.astype(np.float64) @ ztxt.astype(np.float64).T
+    n, m = s.shape
+    right = np.zeros((n, m), bool)
+    for j in range(m):
+        right[owner[text_id == text_id[j]], j] = True
+    t2i = np.asarray([1 + np.sum(~right[:, j] & (s[:, j] >= s[right[:, j], j].max())) for j in range(m)])
+    i2t = np.asarray([1 + np.sum(~right[i] & (s[i] >= s[i, right[i]].max())) if right[i].any() else -1
+                      for i in range(n)])
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("mesh_name", ["1dev", "4x2"])
+def test_identical_caption_texts_count_as_right_answers(mesh_name):
+    """Template captions ("a photo of a <class>.") repeat across a class: a caption whose text equals a
+    right one is right, in both directions, checked against a brute-force count."""
+    zimg, ztxt, owner, caps = tie_heavy_case(seed=3)
+    rng = np.random.default_rng(4)
+    text_id = rng.integers(0, 12, owner.size)  # 12 distinct texts over ~45 captions: many duplicates
+    ztxt = quantised(rng, (12, zimg.shape[1]), levels=1)[text_id]  # one text, one embedding
+    i2t, t2i = brute_ranks_merged(zimg, ztxt, owner, text_id)
+    got = ret.retrieval_ranks(zimg, ztxt, owner, text_id_M=text_id * 7 + 1, mesh=make_mesh(mesh_name), chunk_size=5)
+    has = caps > 0
+    np.testing.assert_array_equal(got["t2i_rank"], t2i)
+    np.testing.assert_array_equal(got["i2t_rank"][has], i2t[has])
+    assert (got["t2i_rank"] != brute_ranks(zimg, ztxt, owner)[1]).any()  # the convention changes ranks here
+
+    # A perfect classifier with one template caption per image: every query right at rank 1, where
+    # counting identical texts as wrong answers put every image behind the other images of its class.
+    labels = np.repeat(np.arange(4), 5)
+    zimg = np.eye(4, dtype=np.float32)[labels]
+    r = ret.retrieval_metrics(zimg, zimg, np.arange(20), text_id_M=labels, mesh=make_mesh(mesh_name))[0]
+    assert r["i2t_r1"] == r["t2i_r1"] == 1.0
+    r = ret.retrieval_metrics(zimg, zimg, np.arange(20), mesh=make_mesh(mesh_name))[0]
+    assert r["i2t_r1"] == r["t2i_r1"] == 0.0
+
+
 @pytest.mark.parametrize("mesh_name", ["1dev", "4x2"])
 def test_retrieval_metrics_equal_brute_force_on_random_embeddings(mesh_name):
     rng = np.random.default_rng(1)
@@ -130,8 +168,8 @@ def test_retrieval_5k_by_25k_never_holds_the_matrix(mesh_name):
     mesh, sds = make_mesh(mesh_name), jax.ShapeDtypeStruct
     n_pad, m_pad, cols = ret._layout(5000, 25000, mesh, 0)
     lowered = ret._compiled_ranker(mesh, cols).lower(
-        sds((n_pad, 512), jnp.float32), sds((n_pad,), jnp.bool_), sds((m_pad, 512), jnp.float32),
-        sds((m_pad,), jnp.int32), sds((m_pad,), jnp.bool_))
+        sds((n_pad, 512), jnp.float32), sds((n_pad,), jnp.bool_), sds((n_pad, 5), jnp.int32),
+        sds((m_pad, 512), jnp.float32), sds((m_pad,), jnp.int32), sds((m_pad,), jnp.bool_))
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     dense = 5000 * 25000 * 4
     # Measured: ~25 MB on 1 device and ~23 MB per device on 8, vs 500 MB for the matrix.

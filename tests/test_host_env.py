@@ -97,3 +97,40 @@ def test_the_comparison_side_gets_the_users_environment_back():
                    host_env.ADDED_MARK: '{"GLIBC_TUNABLES": null}'}
     assert host_env.without_added(none_before) == {"A": "1"}
     assert host_env.without_added(user) == user
+
+
+# The entry points' start: re-executed with the CPU set up for the command line's config, then one computation.
+DEVICES_CHILD = """
+import sys
+from clipjax import host_env, main
+host_env.configure(lambda: main._cpu_devices(sys.argv[1:]))
+import jax
+jax.numpy.ones(4).sum().block_until_ready()
+print(jax.default_backend(), jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("config, devices", [("configs/demo.py:smoke", 8), ("configs/demo.py:smoke --config.mesh.fsdp=1", 4)])
+def test_a_cpu_command_runs_on_the_devices_its_mesh_names_and_hears_nothing_of_libtpu(config, devices):
+    """No XLA_FLAGS, no JAX_PLATFORMS (a fresh shell): the demo's data=4 x fsdp=2 mesh gets 8 simulated
+    devices, and libtpu (installed with the test extra) prints none of its TPU probes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", host_env.ADDED_MARK)}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    spec, *overrides = config.split()
+    proc = subprocess.run([sys.executable, "-c", DEVICES_CHILD, f"--config={spec}", *overrides, "--workdir=w"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cpu", str(devices)]
+    assert proc.stderr == "", proc.stderr
+
+
+def test_a_mesh_axis_to_fill_takes_a_device_a_core_where_the_batch_divides():
+    assert host_env.cpu_device_count([4, 2, 1], 128, cores=2) == 8  # fixed axes: what they name
+    assert host_env.cpu_device_count([-1, 1, 1], 64, cores=16) == 8  # at most MAX_FILLED_DEVICES
+    assert host_env.cpu_device_count([-1, 1, 1], 64, cores=6) == 4  # 6 and 5 do not divide 64
+    assert host_env.cpu_device_count([-1, 2, 1], 48, cores=2) == 2
+    assert host_env.cpu_device_count([-1, 1, 2], 6, cores=8) == 6  # 3 batch shards x tensor 2
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert "XLA_FLAGS" not in host_env.settings(env, lambda: 8)  # the user's own count wins
+    assert host_env.settings({"JAX_PLATFORMS": "cuda"}, lambda: 8) == {}

@@ -14,8 +14,8 @@ LAYERS = (
     ("models", "sharding", "losses", "vocab_loss", "locca", "optim", "mfu", "metrics", "data"),  # the parts
     ("evals", "stages", "config", "config_diff"),  # evaluation and the resolved config
     ("train_step", "checkpoint", "interop", "compile_ahead", "report"),  # the step, its state and plans
-    ("run", "train", "evaluate"),  # whole runs
-    ("main", "bench"),  # command lines and benchmarks
+    ("run", "train", "evaluate", "inference"),  # whole runs
+    ("main", "inference_cli", "bench"),  # command lines and benchmarks
 )
 
 

@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from clipjax.bench import loss as bench_loss
+from clipjax import inference_cli
 from clipjax.data import cli as data_cli
 from clipjax.main import eval_main, train_main
 
@@ -37,6 +38,8 @@ def _check(argv, monkeypatch, capsys):
         assert not exit_info.value.code, capsys.readouterr().err
     elif prog == "clipjax-data":
         data_cli._parser().parse_args(args)
+    elif prog in ("clipjax-embed", "clipjax-predict"):
+        {"clipjax-embed": inference_cli._embed_parser, "clipjax-predict": inference_cli._predict_parser}[prog]().parse_args(args)
     elif prog == "clipjax-bench":
         assert args[0] == "loss"
         bench_loss._parse(args[1:])
@@ -47,7 +50,8 @@ def _check(argv, monkeypatch, capsys):
         raise AssertionError(f"README runs {prog}, which this test does not know")
 
 
-@pytest.mark.parametrize("section", ["Quick start", "Use", "Running on CPU"])
+@pytest.mark.parametrize("section", ["Quick start", "Use", "Train on your own images", "Use a trained model",
+                                     "Running on CPU"])
 def test_readme_commands_parse(section, monkeypatch, capsys):
     commands = _commands(section)
     assert commands

@@ -102,7 +102,7 @@ def test_info_json_and_idempotence(small, tmp_path):
     before = {n: os.stat(os.path.join(small, n)).st_mtime_ns for n in os.listdir(small)}
     assert synth.ensure_synthetic(small, SMALL) == info  # complete: nothing rewritten
     assert before == {n: os.stat(os.path.join(small, n)).st_mtime_ns for n in os.listdir(small)}
-    with pytest.raises(ValueError, match=r"made with .*'seed': 0.*, not .*'seed': 1"):
+    with pytest.raises(synth.SynthMismatch, match=r"made with seed=0, not seed=1: give this config its own folder"):
         synth.ensure_synthetic(small, dict(SMALL, seed=1))
     # an interrupted run (no info.json, a stray temp shard) is redone
     part = str(tmp_path / "part")

@@ -26,6 +26,16 @@ SUITES = {
 
 
 USAGE = "usage: clipjax-bench {" + ",".join(SUITES) + "} [flags]  (SUITE --help for its flags)"
+# What each suite measures (clipjax-bench --help); docs/benchmarks.md has the figures.
+ABOUT = {
+    "loss": "memory (compiled, per device) and time of the contrastive loss implementations at a batch size",
+    "data": "input pipeline images/s (decode, crop box, batch) against a plain Pillow decode",
+    "compile": "the train step compiled for a target (tpu:TOPOLOGY from any machine, or cpu:N): fits, peak "
+               "memory, projected step time and MFU",
+    "train": "the real compiled train step timed on this machine, side by side with OpenCLIP (--vs=openclip)",
+    "convert": "clipjax-data convert images/s, one process against Beam's DirectRunner",
+    "masking": "train step time with FLIP patch masking against none",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print("\n".join([USAGE, "", "suites:", *(f"  {name:<9}{ABOUT[name]}" for name in SUITES)]))
         return 0 if argv else 2
     if argv[0] not in SUITES:
         raise UserError(f"unknown suite {argv[0]!r}{did_you_mean(argv[0], SUITES)} ({USAGE})")

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from clipjax.atomic import atomic_path
 from clipjax.data import records
+from clipjax.errors import UserError
 
 SPLIT_TRAIN = "train"
 SPLIT_HELDOUT = "heldout"
@@ -219,6 +220,10 @@ def generate(folder: str, synth_cfg: Any) -> dict[str, Any]:
     return info
 
 
+class SynthMismatch(UserError, ValueError):
+    """A complete synthetic dataset folder made with other settings than the config's."""
+
+
 def load_info(folder: str) -> dict[str, Any] | None:
     """The folder's ``info.json``, or None when the dataset is not (completely) there."""
     path = os.path.join(folder, INFO_FILE)
@@ -245,7 +250,10 @@ def ensure_synthetic(folder: str, synth_cfg: Any) -> dict[str, Any]:
             if name == INFO_FILE or re.fullmatch(rf"({SPLIT_TRAIN}|{SPLIT_HELDOUT})-\d{{5}}-of-\d{{5}}\.array_record", name):
                 os.remove(os.path.join(folder, name))
         return generate(folder, synth_cfg)
-    if info.get("settings") != want:
-        raise ValueError(f"{folder!r} holds a synthetic dataset made with {info.get('settings')}, not {want}; "
-                         "point config.data.path elsewhere or delete the folder")
+    have = info.get("settings") or {}
+    if have != want:
+        diff = [k for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+        raise SynthMismatch(f"{folder} holds a synthetic dataset made with {', '.join(f'{k}={have.get(k)}' for k in diff)}, "
+                            f"not {', '.join(f'{k}={want.get(k)}' for k in diff)}: give this config its own folder "
+                            f"(config argument data=DIR, or --config.data.path=DIR) or delete {folder}")
     return info

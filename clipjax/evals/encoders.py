@@ -30,7 +30,7 @@ def put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 class Encoders:
-    """``text(params, ids)``, ``zeroshot(...)`` and ``retrieval(...)`` passes of a CLIP model."""
+    """``image(params, crops)``, ``text(params, ids)``, ``zeroshot(...)`` and ``retrieval(...)`` passes of a CLIP model."""
 
     def __init__(self, model: CLIP, model_cfg, interpolation: str):
         dtype, image_size = jnp.dtype(model_cfg.dtype), model_cfg.image.image_size
@@ -52,4 +52,5 @@ class Encoders:
             ztxt = encode_text(params, text.reshape(b * k, length))
             return encode_image(params, crops), ztxt.reshape(b, k, -1), mask, text_mask
 
-        self.text, self.zeroshot, self.retrieval = jax.jit(encode_text), jax.jit(zeroshot), jax.jit(retrieval)
+        self.image, self.text = jax.jit(encode_image), jax.jit(encode_text)
+        self.zeroshot, self.retrieval = jax.jit(zeroshot), jax.jit(retrieval)

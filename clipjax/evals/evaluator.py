@@ -119,13 +119,13 @@ class Evaluator:
 
     def _retrieval(self, name: str, e, params) -> tuple[dict[str, float], dict[str, float]]:
         data_cfg = datasets.eval_data_config(self.config, e)
-        zi, zt, masks, tmasks = [], [], [], []
+        zi, zt, masks, tmasks, ids = [], [], [], [], []
         for batch in datasets.global_batches(self.config, e, data_cfg, self.mesh,
                                              batch_size=self._round(e.batch_size), max_captions=e.max_captions):
             crops = resize.image_fields(batch)
             a, b, m, tm = (to_host(x) for x in self.encoders.retrieval(params, crops, batch["text"], batch["mask"],
                                                                        batch["text_mask"]))
-            zi.append(a), zt.append(b), masks.append(m), tmasks.append(tm)
+            zi.append(a), zt.append(b), masks.append(m), tmasks.append(tm), ids.append(to_host(batch["text"]))
         zimg, ztxt = np.concatenate(zi), np.concatenate(zt)
         mask, tmask = np.concatenate(masks).astype(bool), np.concatenate(tmasks).astype(bool)
         if e.max_examples:
@@ -133,7 +133,11 @@ class Evaluator:
         zimg_v, tmask_v = zimg[mask], tmask[mask]
         owner = np.nonzero(tmask_v)[0].astype(np.int32)  # [M] index of each caption's image
         ztxt_v = ztxt[mask][tmask_v]
-        return retrieval_lib.retrieval_metrics(zimg_v, ztxt_v, owner, mesh=self.mesh, chunk_size=e.chunk_size)
+        # Identical token sequences are one text: template captions of a class are right for all its images.
+        tokens = np.concatenate(ids)[mask][tmask_v]
+        text_id = np.unique(tokens.reshape(tokens.shape[0], -1), axis=0, return_inverse=True)[1].reshape(-1)
+        return retrieval_lib.retrieval_metrics(zimg_v, ztxt_v, owner, text_id_M=text_id, mesh=self.mesh,
+                                               chunk_size=e.chunk_size)
 
     def _captioning(self, name: str, e, params) -> tuple[dict[str, float], dict[str, float]]:
         from clipjax.data import sources, transforms

@@ -1,15 +1,21 @@
 """Image<->text retrieval: Recall@K, mean/median rank and embedding diagnostics.
 
 Several captions may belong to one image. ``owner_M[j]`` is the index of the
-image caption ``j`` describes.
+image caption ``j`` describes. Captions with the same text (``text_id_M``: equal ids
+for identical token sequences; by default every caption is distinct) are one answer:
+a caption is right for image ``i`` when its text is the text of one of ``i``'s
+captions. Template captions ("a photo of a dog." for every dog) thus make every
+image of the class a right answer for that caption and that caption right for each
+of them, instead of ranking identical texts against one another.
 
-Rank rule (ties count against the query, "pessimistic"):
+Rank rule (ties with a wrong answer count against the query, "pessimistic"):
 
-* text->image: caption ``j`` has one right image ``owner[j]``;
-  ``rank = 1 + #{images i != owner[j] : s(i, j) >= s(owner[j], j)}``.
-* image->text: image ``i`` is right at ``k`` if any of its captions ranks within
-  ``k``; with ``best = max_{j: owner[j] = i} s(i, j)``,
-  ``rank = 1 + #{captions j with owner[j] != i : s(i, j) >= best}``.
+* text->image: caption ``j`` is right at ``k`` if any of its right images ranks
+  within ``k``; with ``pos = max_{i right for j} s(i, j)``,
+  ``rank = 1 + #{images i not right for j : s(i, j) >= pos}``.
+* image->text: image ``i`` is right at ``k`` if any of its right captions ranks
+  within ``k``; with ``best = max_{j right for i} s(i, j)``,
+  ``rank = 1 + #{captions j not right for i : s(i, j) >= best}``.
 
 So a wrong candidate that ties with the right one is ranked ahead of it, and a
 collapsed model (all similarities equal) gets the worst rank rather than rank 1.
@@ -21,7 +27,8 @@ the batch axes and captions stream through in tiles (each tile all-gathered
 from the devices' caption shards); each device keeps per-query running state
 only (best positive score, count of scores at or above it). Two passes: the
 first finds every image's best positive and does text->image, the second
-counts image->text competitors.
+counts image->text competitors. "Right" is a membership test of a caption's text
+id in the image's ``[K]`` text ids (K: most captions of one image).
 """
 
 from __future__ import annotations
@@ -57,42 +64,42 @@ def _tile_cols(n_local: int, num_captions: int, shards: int, chunk_size: int) ->
     return -(-per_shard // steps)  # same number of steps, least padding
 
 
-def _rank_kernel(zimg, img_ok, ztxt, owner, txt_ok, *, cols: int, axes: tuple[str, ...]):
-    """Per-device body: local images ``[n, E]`` against all captions, streamed in tiles."""
-    n, m = zimg.shape[0], ztxt.shape[0]
+def _rank_kernel(zimg, img_ok, img_tids, ztxt, tid, txt_ok, *, cols: int, axes: tuple[str, ...]):
+    """Per-device body: local images ``[n, E]`` (text ids ``[n, K]``) against all captions, streamed in tiles."""
+    m = ztxt.shape[0]
     steps = m // cols
     me = jax.lax.axis_index(axes)
-    gid = me * n + jnp.arange(n, dtype=jnp.int32)  # global index of each local image
 
     def tile(k):
         sl = lambda x: jax.lax.dynamic_slice_in_dim(x, k * cols, cols, 0)
         gather = lambda x: jax.lax.all_gather(sl(x), axes, tiled=True)
-        t, o, v = gather(ztxt), gather(owner), gather(txt_ok)  # [D*cols, E], [D*cols], [D*cols]
+        t, i, v = gather(ztxt), gather(tid), gather(txt_ok)  # [D*cols, E], [D*cols], [D*cols]
         s = jnp.einsum("ne,ce->nc", zimg, t, precision=_HI, preferred_element_type=jnp.float32)
-        return s, o, v
+        right = jnp.any(i[None, :, None] == img_tids[:, None, :], axis=2)  # [n, D*cols]: caption's text is the image's
+        return s, right, v
 
     def mine(x):  # this device's columns of a replicated per-tile vector
         return jax.lax.dynamic_slice_in_dim(x, me * cols, cols, 0)
 
     def pass1(best, k):
-        s, o, v = tile(k)
-        own = o[None, :] == gid[:, None]  # [n, D*cols]: caption belongs to the local image
-        best = jnp.maximum(best, jnp.max(jnp.where(own & v[None, :], s, -jnp.inf), axis=1))
-        # text->image: the right image's score lives on exactly one device; others add exact zeros.
-        pos = jax.lax.psum(jnp.sum(jnp.where(own, s, 0.0), axis=0), axes)
-        beat = (~own) & img_ok[:, None] & (s >= pos[None, :])
+        s, right, v = tile(k)
+        best = jnp.maximum(best, jnp.max(jnp.where(right & v[None, :], s, -jnp.inf), axis=1))
+        # text->image: the best right image's score over every device's images, then the wrong ones at or above it.
+        pos = jax.lax.pmax(jnp.max(jnp.where(right & img_ok[:, None], s, -jnp.inf), axis=0), axes)
+        beat = (~right) & img_ok[:, None] & (s >= pos[None, :])
         cnt = jax.lax.psum(jnp.sum(beat, axis=0, dtype=jnp.int32), axes)
         return best, (mine(cnt), mine(pos))
 
     varying = lambda x: jax.lax.pcast(x, axes, to="varying")
-    best, (t2i_cnt, pos) = jax.lax.scan(pass1, varying(jnp.full((n,), -jnp.inf, jnp.float32)), jnp.arange(steps))
+    best, (t2i_cnt, pos) = jax.lax.scan(pass1, varying(jnp.full((zimg.shape[0],), -jnp.inf, jnp.float32)),
+                                        jnp.arange(steps))
 
     def pass2(cnt, k):
-        s, o, v = tile(k)
-        beat = (o[None, :] != gid[:, None]) & v[None, :] & (s >= best[:, None])
+        s, right, v = tile(k)
+        beat = (~right) & v[None, :] & (s >= best[:, None])
         return cnt + jnp.sum(beat, axis=1, dtype=jnp.int32), None
 
-    i2t_cnt, _ = jax.lax.scan(pass2, varying(jnp.zeros((n,), jnp.int32)), jnp.arange(steps))
+    i2t_cnt, _ = jax.lax.scan(pass2, varying(jnp.zeros((zimg.shape[0],), jnp.int32)), jnp.arange(steps))
     return 1 + i2t_cnt, best, 1 + t2i_cnt.reshape(m), pos.reshape(m)
 
 
@@ -101,11 +108,11 @@ def _compiled_ranker(mesh: Mesh, cols: int):
     axes = sharding.BATCH_AXES
     spec = P(axes)
     fn = jax.shard_map(functools.partial(_rank_kernel, cols=cols, axes=axes), mesh=mesh,
-                       in_specs=(P(axes, None), spec, P(axes, None), spec, spec),
+                       in_specs=(P(axes, None), spec, P(axes, None), P(axes, None), spec, spec),
                        out_specs=(spec, spec, spec, spec))
     row = NamedSharding(mesh, spec)
     mat = NamedSharding(mesh, P(axes, None))
-    return jax.jit(fn, in_shardings=(mat, row, mat, row, row), out_shardings=(row, row, row, row))
+    return jax.jit(fn, in_shardings=(mat, row, mat, mat, row, row), out_shardings=(row, row, row, row))
 
 
 def _layout(num_images: int, num_captions: int, mesh: Mesh, chunk_size: int) -> tuple[int, int, int]:
@@ -123,14 +130,15 @@ def _put(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
-def retrieval_ranks(zimg_NE, ztxt_ME, owner_M, img_valid_N=None, txt_valid_M=None, *, mesh: Mesh | None = None,
-                    chunk_size: int = 0) -> dict[str, np.ndarray]:
+def retrieval_ranks(zimg_NE, ztxt_ME, owner_M, img_valid_N=None, txt_valid_M=None, *, text_id_M=None,
+                    mesh: Mesh | None = None, chunk_size: int = 0) -> dict[str, np.ndarray]:
     """Ranks of every query (see the module docstring), computed sharded over ``mesh``.
 
     Returns numpy ``i2t_rank [N]``, ``t2i_rank [M]``, ``i2t_best [N]`` (best positive
     similarity, -inf for images without a valid caption) and ``pos_sim [M]``
-    (similarity of each caption with its image). Invalid images are neither queries
-    nor candidates; invalid captions likewise.
+    (similarity of each caption with its best right image). Invalid images are neither
+    queries nor candidates; invalid captions likewise. ``text_id_M``: equal for
+    captions with the same text (default: all distinct).
     """
     mesh = mesh or _single_device_mesh()
     zimg = np.asarray(zimg_NE, np.float32)
@@ -142,16 +150,29 @@ def retrieval_ranks(zimg_NE, ztxt_ME, owner_M, img_valid_N=None, txt_valid_M=Non
     if owner.shape != (m,) or owner.size and (owner.min() < 0 or owner.max() >= n):
         raise ValueError(f"owner_M must be [M={m}] image indices in [0, {n})")
     txt_ok = txt_ok & img_ok[owner] if m else txt_ok  # a caption of an invalid image has no right answer
+    tid = np.arange(m) if text_id_M is None else np.unique(np.asarray(text_id_M), return_inverse=True)[1].reshape(m)
+    img_tids = image_text_ids(owner[txt_ok], tid[txt_ok].astype(np.int32), n)
     n_pad, m_pad, cols = _layout(n, m, mesh, chunk_size)
     e = zimg.shape[1]
     pad = lambda x, size, value: np.concatenate([x, np.full((size - x.shape[0], *x.shape[1:]), value, x.dtype)])
-    args = (pad(zimg, n_pad, 0), pad(img_ok, n_pad, False), pad(ztxt.reshape(m, e), m_pad, 0),
-            pad(owner, m_pad, -1), pad(txt_ok, m_pad, False))
+    args = (pad(zimg, n_pad, 0), pad(img_ok, n_pad, False), pad(img_tids, n_pad, -2), pad(ztxt.reshape(m, e), m_pad, 0),
+            pad(tid.astype(np.int32), m_pad, -1), pad(txt_ok, m_pad, False))
     f = _compiled_ranker(mesh, cols)
     with jax.set_mesh(mesh):
         out = f(*(_put(a, mesh) for a in args))
     i2t, best, t2i, pos = (_host(x) for x in out)
     return {"i2t_rank": i2t[:n], "i2t_best": best[:n], "t2i_rank": t2i[:m], "pos_sim": pos[:m]}
+
+
+def image_text_ids(owner_M: np.ndarray, tid_M: np.ndarray, n: int) -> np.ndarray:
+    """``[n, K]`` text ids of each image's captions (K: the most any image has), padded with -2."""
+    order = np.argsort(owner_M, kind="stable")
+    owner, tid = owner_M[order], tid_M[order]
+    counts = np.bincount(owner, minlength=n)
+    slot = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)  # index within the image's captions
+    out = np.full((n, max(1, int(counts.max(initial=0)))), -2, np.int32)
+    out[owner, slot] = tid
+    return out
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -181,9 +202,10 @@ def rank_summary(ranks: np.ndarray, valid: np.ndarray, ks: Sequence[int], prefix
     return out
 
 
-def retrieval_metrics(zimg_NE, ztxt_ME, owner_M, *, mesh: Mesh | None = None, chunk_size: int = 0,
+def retrieval_metrics(zimg_NE, ztxt_ME, owner_M, *, text_id_M=None, mesh: Mesh | None = None, chunk_size: int = 0,
                       ks: Sequence[int] = DEFAULT_KS) -> tuple[dict[str, float], dict[str, float]]:
-    """Retrieval metrics and their chance levels for valid (already compacted) embeddings.
+    """Retrieval metrics and their chance levels for valid (already compacted) embeddings;
+    ``text_id_M`` as for ``retrieval_ranks`` (chance levels treat every caption as distinct).
 
     Metrics: ``i2t_r{k}``, ``t2i_r{k}``, ``{i2t,t2i}_{mean,median}_rank``,
     ``modality_gap`` (L2 distance between the image and caption centroids),
@@ -194,7 +216,7 @@ def retrieval_metrics(zimg_NE, ztxt_ME, owner_M, *, mesh: Mesh | None = None, ch
     ztxt = np.asarray(ztxt_ME, np.float32)
     owner = np.asarray(owner_M, np.int64)
     n, m = zimg.shape[0], ztxt.shape[0]
-    r = retrieval_ranks(zimg, ztxt, owner, mesh=mesh, chunk_size=chunk_size)
+    r = retrieval_ranks(zimg, ztxt, owner, text_id_M=text_id_M, mesh=mesh, chunk_size=chunk_size)
     caps = np.bincount(owner, minlength=n) if m else np.zeros(n, np.int64)
     out = rank_summary(r["i2t_rank"], caps > 0, ks, "i2t")
     out.update(rank_summary(r["t2i_rank"], np.ones(m, bool), ks, "t2i"))

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from clipjax.errors import ArgumentParser, UserError, run_cli
+from clipjax.interop.weights import load_saved, run_config
 
 # Besides model.*, the fields a converted model's config sets.
 RUN_KEYS = ("data.tokenizer", "loss.kind", "data.eval_crop")
@@ -31,20 +32,6 @@ def _flat(d: Any, prefix: str) -> dict[str, Any]:
             out.update(_flat(v, f"{prefix}.{k}"))
         return out
     return {prefix: d}
-
-
-def run_config(model_config) -> Any:
-    """A validated ``base_config()`` running ``model_config``: CLIP's tokenizer for CLIP's vocabulary,
-    the sigmoid loss when the model has a logit bias, OpenCLIP's eval crop."""
-    from clipjax import config as config_lib
-
-    c = config_lib.base_config()
-    c.model = model_config
-    c.data.tokenizer = "clip" if model_config.text.vocab_size == 49408 else "bytes"
-    c.loss.kind = "sigmoid" if model_config.init_logit_bias is not None else "softmax"
-    if "eval_crop" in c.data:
-        c.data.eval_crop = "openclip"
-    return config_lib.validate(c)
 
 
 def overrides(config) -> list[str]:
@@ -92,40 +79,13 @@ def from_openclip(checkpoint: str, model: str | None, workdir: str) -> str:
             f"{flags}")
 
 
-def _saved_model(workdir: str, step: int | None):
-    """``(model config, params on one device, step)`` of a checkpoint in ``workdir``."""
-    import jax
-    import ml_collections
-    from flax import linen as nn
-
-    from clipjax import checkpoint as ckpt_lib
-    from clipjax.models import build_model, dummy_inputs
-
-    checkpointer = ckpt_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
-    try:
-        step = checkpointer.latest_step() if step is None else int(step)
-        saved = None if step is None else checkpointer.saved_config(step)
-    finally:
-        checkpointer.close()
-    step_dir = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step))
-    if step is None or not os.path.isdir(step_dir):
-        raise UserError(f"--workdir={workdir}: no checkpoint" + (f" at step {step}" if step is not None else ""))
-    if saved is None:
-        raise UserError(f"{step_dir} holds no config, so its model is unknown")
-    model_config = ml_collections.ConfigDict(json.loads(saved)["model"])
-    model = build_model(model_config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model_config)))["params"]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nn.unbox(boxed))
-    return model_config, jax.device_get(ckpt_lib.load_params(step_dir, abstract)), step
-
-
 def to_openclip(workdir: str, step: int | None, out: str) -> str:
     """Exports ``workdir``'s checkpoint to ``out`` plus ``open_clip_config.json``; returns the summary."""
     from clipjax.data import resize
     from clipjax.interop import openclip
 
-    model_config, params, step = _saved_model(workdir, step)
+    saved = load_saved(workdir, step)
+    model_config, params, step = saved.config.model, saved.params, saved.step
     model_cfg = openclip.export_weights(params, model_config, out)
     folder = os.path.dirname(os.path.abspath(out))
     preprocess = {"size": int(model_config.image.image_size), "mode": "RGB", "mean": list(resize.OPENAI_MEAN),

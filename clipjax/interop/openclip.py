@@ -145,6 +145,9 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
         from safetensors.numpy import save_file
 
         save_file(arrays, path, metadata={"format": "pt"})  # "pt": the layout torch loaders expect
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors creates the file 0600; others' tools must read an export
     elif suffix in _TORCH_SUFFIXES:
         try:
             import torch
