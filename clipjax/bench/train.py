@@ -301,6 +301,7 @@ def main(argv: list[str]) -> int:
     # `make demo` runs): many small ops keep both cores busier split over devices.
     wanted = args.devices or config_device_count(args)
     bench.request_cpu_devices(wanted)
+    host_env.reuse_heap()  # called from Python too (no entry point): before JAX's CPU client starts
     import jax
 
     if jax.default_backend() == "cpu":
