@@ -190,8 +190,19 @@ def _mesh_name(mesh) -> str:
     return " x ".join(f"{a} {mesh.shape[a]}" for a in mesh.axis_names if mesh.shape[a] > 1) or "1 device"
 
 
+def validate_for(config, num_devices: int):
+    """``config.validate`` for a compile on ``num_devices`` accelerators: no data needed, bf16 for dtype=auto."""
+    from clipjax import config as config_lib
+
+    if config.data.source == "arrayrecord" and not config.data.path:
+        with config.unlocked():  # the compiled step never reads data: a plan needs no shards
+            config.data.path = "(not needed to compile)"
+    # Plans are for accelerators (simulated CPU devices stand in for them): model.dtype=auto is bf16.
+    return config_lib.validate(config, num_devices, platform="tpu")
+
+
 def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, assumed_mfu: float | None = None,
-         capacity: tuple[float | None, str] | None = None) -> dict[str, Any]:
+         capacity: tuple[float | None, str] | None = None, breakdown: bool = False) -> dict[str, Any]:
     """Compiles ``config``'s train step for ``devices`` (mesh and rules from the config) and returns one row.
 
     Peak memory = arguments + temporaries + outputs not aliased to the donated
@@ -201,19 +212,16 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     (``hlo_flops.loop_factor``); on CPU it is the model FLOPs at ``peak_flops`` and
     ``assumed_mfu``. ``mfu`` = model FLOPs / (step time x peak). Compiler FLOPs
     are ``hlo_flops.compiled_flops`` (cost analysis, loops counted every iteration), so
-    they include rematerialised work that model FLOPs leave out.
+    they include rematerialised work that model FLOPs leave out. ``breakdown`` (TPU)
+    adds ``row["breakdown"]``: the step's seconds by category and the collectives' GiB by
+    kind (``step_breakdown``).
     """
-    from clipjax import config as config_lib
     from clipjax import hlo_flops
     from clipjax import mfu as mfu_lib
     from clipjax import sharding
     from clipjax.train_step import compile_train_step, make_setup
 
-    if config.data.source == "arrayrecord" and not config.data.path:
-        with config.unlocked():  # the compiled step never reads data: a plan needs no shards
-            config.data.path = "(not needed to compile)"
-    # Plans are for accelerators (simulated CPU devices stand in for them): model.dtype=auto is bf16.
-    config_lib.validate(config, len(devices), platform="tpu")
+    validate_for(config, len(devices))
     mesh = sharding.mesh_from_config(config.mesh, devices)
     kind = devices[0].device_kind
     on_tpu = devices[0].platform == "tpu"
@@ -249,7 +257,14 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     note = None
     if on_tpu:
         optimal_s = float(cost.get("optimal_seconds", float("nan")))
-        step_s = optimal_s * hlo_flops.loop_factor(compiled.as_text()) if optimal_s > 0 else float("nan")
+        hlo_text = compiled.as_text()
+        step_s = optimal_s * hlo_flops.loop_factor(hlo_text) if optimal_s > 0 else float("nan")
+        if breakdown and optimal_s > 0:
+            from clipjax import step_breakdown
+
+            row["breakdown"] = {"seconds": step_breakdown.breakdown(hlo_text, step_s),
+                                "collective_GiB": {k: v / GIB for k, v in
+                                                   step_breakdown.collective_bytes(hlo_text).items()}}
         if not optimal_s > 0:
             note = f"the TPU compiler gave no step-time estimate (optimal_seconds={optimal_s:.4g})"
     else:

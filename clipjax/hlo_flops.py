@@ -67,7 +67,16 @@ _CYCLES = re.compile(r'"estimated_cycles"\s*:\s*"(\d+)"')
 def _loop_weighted_sums(hlo_text: str, line_weight) -> tuple[float, float]:
     """``(sum of weights times executions, sum of weights as cost analysis counts them)``.
 
-    ``line_weight(op, shape, rest, shapes)`` weighs one instruction. Walks the call
+    ``line_weight(op, shape, rest, shapes)`` weighs one instruction (see ``loop_weighted_by_key``).
+    """
+    executed, counted = loop_weighted_by_key(hlo_text, lambda *a: {"": line_weight(*a)})
+    return executed.get("", 0.0), counted.get("", 0.0)
+
+
+def loop_weighted_by_key(hlo_text: str, line_weights) -> tuple[dict[str, float], dict[str, float]]:
+    """``({key: sum of weights times executions}, {key: sum of weights as cost analysis counts them})``.
+
+    ``line_weights(op, shape, rest, shapes)`` weighs one instruction under one or more keys. Walks the call
     graph of the optimized HLO module: each computation's multiplicity is the sum
     over its call sites of the caller's multiplicity, times the trip count for a
     while body/condition; cost analysis counts every loop body once. The trip
@@ -75,7 +84,7 @@ def _loop_weighted_sums(hlo_text: str, line_weight) -> tuple[float, float]:
     it (TPU), the constant bound of a loop condition ``i < N`` (scans count from 0).
     """
     comps: list[tuple[str, bool]] = []  # (name, is_entry) in order of appearance
-    weights: dict[str, float] = {}
+    weights: dict[str, dict[str, float]] = {}
     calls: dict[str, list[tuple[str, int | None, str | None]]] = {}  # caller -> [(callee, trip, condition)]
     bound: dict[str, int] = {}  # condition computation -> N of its ``i < N``
     consts: dict[str, int] = {}
@@ -86,7 +95,7 @@ def _loop_weighted_sums(hlo_text: str, line_weight) -> tuple[float, float]:
         if h:
             current = h.group(2)
             comps.append((current, bool(h.group(1))))
-            weights[current], calls[current] = 0.0, []
+            weights[current], calls[current] = {}, []
             for name, shape in _PARAM.findall(h.group(3)):
                 shapes[name] = shape
             continue
@@ -97,7 +106,9 @@ def _loop_weighted_sums(hlo_text: str, line_weight) -> tuple[float, float]:
             continue
         name, shape, op, rest = ins.groups()
         shapes[name] = shape
-        weights[current] += line_weight(op, shape, rest, shapes)
+        for key, w in line_weights(op, shape, rest, shapes).items():
+            if w:
+                weights[current][key] = weights[current].get(key, 0.0) + w
         if op == "constant" and _CONST.match(shape):
             value = re.match(r"\s*(-?\d+)\)", rest)
             if value:
@@ -129,7 +140,13 @@ def _loop_weighted_sums(hlo_text: str, line_weight) -> tuple[float, float]:
                 factor = trip if trip is not None else bound.get(cond, 1) if cond else 1
                 mult[callee] += mult[name] * factor
                 counted[callee] += counted[name]
-    return (sum(weights[n] * mult[n] for n, _ in comps), sum(weights[n] * counted[n] for n, _ in comps))
+    executed: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    for n, _ in comps:
+        for key, w in weights[n].items():
+            executed[key] = executed.get(key, 0.0) + w * mult[n]
+            seen[key] = seen.get(key, 0.0) + w * counted[n]
+    return executed, seen
 
 
 def _valid_taps(out_size: int, in_size: int, size: int, stride: int, pad_lo: int, lhs_dilate: int,

@@ -1,4 +1,4 @@
-"""Host memory settings of the command-line tools, applied by re-executing once at start-up.
+"""Host memory settings on the CPU: glibc's heap kept for XLA's temporaries, in-process.
 
 XLA:CPU gives every execution one fresh allocation for all of its temporaries (~2 GiB
 for a ViT-B/32 train step at batch 32). glibc maps any allocation above its mmap
@@ -6,20 +6,26 @@ threshold (at most 32 MiB) anew and unmaps it on free, so the kernel faults the 
 buffer in again every step, 4 KiB at a time: ~550k page faults and ~1.4 s of kernel
 time a step on 2 cores.
 
-**Heap reuse** (on by default when JAX will run on the CPU): glibc's tunables
-``glibc.malloc.mmap_max=0`` (large blocks come from the heap, not from fresh mappings)
-and ``glibc.malloc.trim_threshold`` above any step's temporaries (the freed heap top is
-kept), with ``jax_cpu_enable_async_dispatch`` off so that a single-device program runs,
-and allocates, on the calling thread: glibc's per-thread arenas map anything over 64 MiB
-whatever the tunables say, only the main arena obeys them. The buffer is then
-faulted in once per process: the B/32 step above went from 10.8 s to 10.1 s (no page
-faults, 0.02 s of kernel time). The memory stays with the process for its lifetime,
-which a training process needs every step anyway. ``CLIPJAX_HEAP_REUSE=0`` turns it off.
+**Heap reuse** (:func:`reuse_heap`; on by default when JAX runs on the CPU): glibc's
+``mallopt(M_MMAP_MAX, 0)`` (large blocks come from the heap, not from fresh mappings) and
+``mallopt(M_TRIM_THRESHOLD, -1)`` (the freed heap top is kept), set in the running
+process; they are the same parameters as the ``glibc.malloc.mmap_max`` and
+``trim_threshold`` tunables, which a process only reads at its start. With
+``jax_cpu_enable_async_dispatch`` off a single-device program runs, and allocates, on
+the calling thread: glibc's per-thread arenas map anything over 64 MiB whatever these
+settings say (``sysmalloc`` falls back to ``mmap`` when a thread heap cannot grow), only
+the main arena obeys them. Dispatch is fixed when JAX creates its CPU client, so
+:func:`reuse_heap` must run before JAX's first computation: importing
+``clipjax.train_step`` calls it, and so do the command-line tools. The buffer is then
+faulted in once per process: the B/32 step above went from 13.9 s to 10.1 s. The memory
+stays with the process for its lifetime, which a training process needs every step
+anyway. ``CLIPJAX_HEAP_REUSE=0`` turns it off.
 
 **Huge pages** (``CLIPJAX_HUGE_PAGES=1``, off by default): ``glibc.malloc.hugetlb=1``
 (glibc >= 2.35, transparent huge pages on) backs large blocks with 2 MiB pages. That
 saved ~1.5% of a step on a freshly booted VM; on one that had run for hours the kernel
-spent 11-13 s a step compacting memory for them.
+spent 11-13 s a step compacting memory for them. ``mallopt`` has no such parameter: the
+tools re-execute once with the tunable (:func:`configure`).
 
 **The CPU as the config's devices** (when JAX will run on the CPU): ``JAX_PLATFORMS=cpu``,
 so JAX never loads libtpu (installed with the ``test`` and ``tpu`` extras), which would
@@ -36,14 +42,21 @@ recorded in the environment, so that a comparison's other side (the OpenCLIP wor
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
+import logging
 import math
 import os
 import sys
 from typing import Callable, Sequence
 
-HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=1099511627776")  # 1 TiB: never
+log = logging.getLogger("clipjax")
+
+# mallopt parameters (glibc's malloc.h) and the values heap reuse gives them.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+HEAP_REUSE_MALLOPT = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: never trim (mallopt(3); its value is a C int)
+HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.trim_threshold")  # the same two as tunables
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 ACCELERATOR_DEVICES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")  # TPU, GPU
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -109,8 +122,6 @@ def settings(env: dict[str, str], cpu_devices: Callable[[], int | None] | None =
     user_tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     user_keys = {t.split("=")[0] for t in user_tunables}
     tunables = []
-    if env.get("CLIPJAX_HEAP_REUSE", "1") != "0" and on_cpu:
-        tunables += HEAP_REUSE_TUNABLES
     if env.get("CLIPJAX_HUGE_PAGES", "0") == "1" and _glibc_version() >= (2, 35) and _thp_available():
         tunables.append(HUGE_PAGES_TUNABLE)
     tunables = [t for t in tunables if t.split("=")[0] not in user_keys]  # the user's own values win
@@ -119,8 +130,45 @@ def settings(env: dict[str, str], cpu_devices: Callable[[], int | None] | None =
     return out
 
 
+_HEAP_REUSED: list[bool] = []  # the outcome of this process's first reuse_heap() call
+
+
+def reuse_heap(env: dict[str, str] | None = None) -> bool:
+    """Keeps XLA:CPU's per-step temporaries on glibc's heap in this process (module docstring).
+
+    Applies when JAX will run on the CPU under glibc and ``CLIPJAX_HEAP_REUSE`` is not
+    ``0``; returns whether it did. Call it before JAX's first computation (importing
+    ``clipjax.train_step`` does): later, JAX's CPU client dispatches asynchronously and
+    only the ``mallopt`` half takes effect, which a warning says. Repeated calls do nothing.
+    """
+    if _HEAP_REUSED:
+        return _HEAP_REUSED[0]
+    env = dict(os.environ) if env is None else env
+    applies = (sys.platform.startswith("linux") and _glibc_version() is not None
+               and env.get("CLIPJAX_HEAP_REUSE", "1") != "0" and jax_runs_on_cpu(env))
+    _HEAP_REUSED.append(applies)
+    if not applies:
+        return False
+    libc = ctypes.CDLL(None)
+    user_keys = {t.split("=")[0] for t in env.get("GLIBC_TUNABLES", "").split(":")}
+    for (param, value), key in zip(HEAP_REUSE_MALLOPT, HEAP_REUSE_TUNABLES):
+        if key not in user_keys:  # the user's own tunables win
+            libc.mallopt(param, value)
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        if jax.config.read("jax_cpu_enable_async_dispatch"):
+            log.warning("heap reuse: JAX's CPU client already dispatches asynchronously, so temporaries over "
+                        "64 MiB still get fresh mappings; import clipjax.train_step (or call "
+                        "clipjax.host_env.reuse_heap()) before JAX's first computation")
+    else:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
 def configure(cpu_devices: Callable[[], int | None] | None = None) -> None:
-    """Re-executes this process once with :func:`settings` applied, then turns async dispatch off for heap reuse.
+    """The command-line tools' settings: re-executes once for :func:`settings` (if any), then :func:`reuse_heap`.
 
     Call it first thing in a command-line entry point (nothing else runs twice), before
     JAX starts its backends.
@@ -131,10 +179,7 @@ def configure(cpu_devices: Callable[[], int | None] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, env)
-    if HEAP_REUSE_TUNABLES[0] in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-        import jax
-
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    reuse_heap()
 
 
 def without_added(env: dict[str, str]) -> dict[str, str]:

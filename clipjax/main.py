@@ -34,12 +34,15 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _TARGET = flags.DEFINE_string(
     "target", None, "with --compile_only: tpu:TOPOLOGY (e.g. tpu:v5p:8x8x8; the TPU compiler, from any "
     "machine with clipjax[tpu]) or cpu:N simulated devices; default: this machine's devices")
+_PLAN = flags.DEFINE_string(
+    "plan", None, "a plan file of `clipjax-bench plan --out=FILE`: its mesh, remat, accumulation and loss "
+    "overrides apply before the command line's --config.a.b=VALUE")
 
 _HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
-_METAVARS = {"target": "tpu:TOPOLOGY", "workdir": "DIR", "coordinator": "HOST:PORT", "num_processes": "N", "process_id": "I", "step": "N"}
+_METAVARS = {"plan": "FILE", "target": "tpu:TOPOLOGY", "workdir": "DIR", "coordinator": "HOST:PORT", "num_processes": "N", "process_id": "I", "step": "N"}
 _FLAGS_OF = {
-    "clipjax-train": ("workdir", "print_config", "compile_only", "target", "coordinator", "num_processes",
-                      "process_id"),
+    "clipjax-train": ("workdir", "print_config", "compile_only", "target", "plan", "coordinator",
+                      "num_processes", "process_id"),
     "clipjax-eval": ("workdir", "step", "print_config", "coordinator", "num_processes", "process_id"),
 }
 _ABOUT = {
@@ -63,7 +66,12 @@ class CommandLine:
 
         if not self.spec:
             raise UserError(f"--config is required, e.g. {self.prog} --config=configs/demo.py --workdir=runs/demo")
-        return config_lib.load_config(self.spec, self.overrides)
+        overrides = self.overrides
+        if self.prog == "clipjax-train" and _PLAN.value:
+            from clipjax import planner
+
+            overrides = planner.read_overrides(_PLAN.value) + overrides  # the command line's own win
+        return config_lib.load_config(self.spec, overrides)
 
     def check_no_args(self) -> None:
         if self.args:

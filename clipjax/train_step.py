@@ -25,12 +25,16 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipjax import locca, losses, optim, sharding
+from clipjax import host_env, locca, losses, optim, sharding
 from clipjax.data import resize
 from clipjax.models import CLIP, build_model, dummy_inputs, num_kept, random_keep
 from clipjax.stages import Phase, data_config, final_phase
 
 _MASK_STREAM = 1  # fold_in tag of the patch masks within a step's randomness
+
+# A library user driving the step from Python gets the tools' heap behaviour on the CPU
+# (before JAX's first computation, as ``host_env.reuse_heap`` needs).
+host_env.reuse_heap()
 
 @flax.struct.dataclass
 class TrainState:

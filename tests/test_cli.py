@@ -106,6 +106,18 @@ def test_print_config_shows_overrides_and_derived_values(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def test_plan_file_overrides_apply_and_the_command_line_wins(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"overrides": ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.model.remat=full"]}')
+    code, out, _ = run_in_process(train_main, [f"--config={DEMO}:smoke,data={tmp_path}", f"--plan={plan}",
+                                               "--config.model.remat=none", "--print_config"], capsys)
+    assert code == 0
+    assert "mesh.data = 2\n" in out and "mesh.fsdp = 4\n" in out and "model.remat = 'none'\n" in out, out
+    plan.write_text("not json")
+    code, _, err = run_in_process(train_main, [f"--config={DEMO}:smoke", f"--plan={plan}", "--print_config"], capsys)
+    assert_one_line_error(code, err, "clipjax-train", "--plan=", "clipjax-bench plan")
+
+
 # ---------------------------------------------------------------- real processes
 
 

@@ -1,4 +1,4 @@
-"""The command-line tools' host memory settings: re-executed once with them, page faults actually fewer."""
+"""Host memory settings: heap reuse in-process (tools and library users alike), page faults actually fewer."""
 
 import os
 import subprocess
@@ -9,12 +9,13 @@ import pytest
 from clipjax import host_env
 
 # A jitted program whose temporaries (a 6000 x 6000 float32 product, 144 MB) exceed any mmap
-# threshold, run 30 times after the entry point's call; prints the added variables and the
-# page faults of each call.
+# threshold, run 30 times after SETUP (a tool's entry point, or a library user's import);
+# prints GLIBC_TUNABLES and the page faults of each call.
+TOOL_SETUP = "from clipjax import host_env; host_env.configure()"
+LIBRARY_SETUP = "import clipjax.train_step"
 XLA_CHILD = """
 import os, resource
-from clipjax import host_env
-host_env.configure()
+SETUP
 import jax, jax.numpy as jnp
 x = jnp.ones((6000, 64), jnp.float32)
 f = jax.jit(lambda x: (jnp.sin(x @ x.T) @ x).sum())
@@ -44,24 +45,27 @@ linux_glibc = pytest.mark.skipif(not (sys.platform.startswith("linux") and host_
                                  reason="glibc's tunables: Linux with glibc only")
 
 
-def _child(code: str, **env) -> list[str]:
+def _child(code: str, setup: str = TOOL_SETUP, **env) -> list[str]:
     env = {k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None}
     env.pop(host_env.ADDED_MARK, None)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code.replace("SETUP", setup)], env=env, capture_output=True, text=True,
                           check=True).stdout.split()
 
 
 @linux_glibc
-def test_xla_temporaries_are_faulted_in_once_on_cpu():
-    tunables, *faults = _child(XLA_CHILD, GLIBC_TUNABLES=None)
-    off_tunables, *off_faults = _child(XLA_CHILD, CLIPJAX_HEAP_REUSE="0", GLIBC_TUNABLES=None)
-    assert tunables == ":".join(host_env.HEAP_REUSE_TUNABLES) and off_tunables == "None"
+def test_xla_temporaries_are_faulted_in_once_on_cpu_in_process():
+    tool_tunables, *tool_faults = _child(XLA_CHILD, TOOL_SETUP, GLIBC_TUNABLES=None)
+    lib_tunables, *lib_faults = _child(XLA_CHILD, LIBRARY_SETUP, GLIBC_TUNABLES=None)
+    off_tunables, *off_faults = _child(XLA_CHILD, LIBRARY_SETUP, CLIPJAX_HEAP_REUSE="0", GLIBC_TUNABLES=None)
+    # mallopt in the running process: no re-execution, no tunables.
+    assert tool_tunables == lib_tunables == off_tunables == "None"
     # 144 MB in 4 KiB pages is ~35,000 faults: every call without the setting. With it, the
     # first call and a few more until the heap's layout settles (a small allocation landing in
     # the freed block makes the heap grow once more): 2-5 of 30 calls, with 1 and 8 devices.
     assert min(int(f) for f in off_faults) > 30_000
-    faulting = [i for i, f in enumerate(faults) if int(f) > 1_000]
-    assert faulting[:1] == [0] and len(faulting) <= 10, faults
+    for faults in (tool_faults, lib_faults):
+        faulting = [i for i, f in enumerate(faults) if int(f) > 1_000]
+        assert faulting[:1] == [0] and len(faulting) <= 10, faults
 
 
 @linux_glibc
@@ -75,17 +79,15 @@ def test_large_buffers_go_on_huge_pages_when_asked():
     assert int(off_faults) > 60_000 and int(faults) < int(off_faults) / 10
 
 
-def test_settings_apply_on_cpu_only_and_the_users_own_tunables_win():
+def test_only_huge_pages_need_a_re_execution_and_the_users_own_tunables_win():
     cpu = {"JAX_PLATFORMS": "cpu"}
-    if not (sys.platform.startswith("linux") and host_env._glibc_version()):
-        assert host_env.settings(cpu) == {}
+    assert host_env.settings(cpu) == {}  # heap reuse is mallopt in-process
+    if not (sys.platform.startswith("linux") and host_env._glibc_version() >= (2, 35) and host_env._thp_available()):
         return
-    reuse = ":".join(host_env.HEAP_REUSE_TUNABLES)
-    assert host_env.settings(cpu) == {"GLIBC_TUNABLES": reuse}
-    assert host_env.settings({"JAX_PLATFORMS": "cuda"}) == {}
-    assert host_env.settings({**cpu, "CLIPJAX_HEAP_REUSE": "0"}) == {}
-    own = {**cpu, "GLIBC_TUNABLES": "glibc.malloc.mmap_max=5"}
-    assert host_env.settings(own) == {"GLIBC_TUNABLES": f"glibc.malloc.mmap_max=5:{host_env.HEAP_REUSE_TUNABLES[1]}"}
+    huge = {**cpu, "CLIPJAX_HUGE_PAGES": "1"}
+    assert host_env.settings(huge) == {"GLIBC_TUNABLES": host_env.HUGE_PAGES_TUNABLE}
+    own = {**huge, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=5"}
+    assert host_env.settings(own) == {}
 
 
 def test_the_comparison_side_gets_the_users_environment_back():

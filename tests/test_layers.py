@@ -10,11 +10,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # layer and those below (lazy imports inside functions count too); a new top-level name must be
 # placed here.
 LAYERS = (
-    ("errors", "atomic", "host_env", "progress", "hlo_flops", "distributed", "preemption", "lock"),  # foundations
+    ("errors", "atomic", "host_env", "progress", "hlo_flops", "distributed", "preemption", "lock", "step_breakdown"),  # foundations
     ("models", "sharding", "losses", "vocab_loss", "locca", "optim", "mfu", "metrics", "data"),  # the parts
     ("evals", "stages", "config", "config_diff"),  # evaluation and the resolved config
     ("train_step", "checkpoint", "interop", "compile_ahead", "report"),  # the step, its state and plans
-    ("run", "train", "evaluate", "inference"),  # whole runs
+    ("run", "train", "evaluate", "inference", "planner"),  # whole runs
     ("main", "inference_cli", "bench"),  # command lines and benchmarks
 )
 

@@ -17,6 +17,7 @@ SUITES = {
     "loss": "clipjax.bench.loss",
     "data": "clipjax.bench.data",
     "compile": "clipjax.bench.compile",
+    "plan": "clipjax.bench.plan",
     "train": "clipjax.bench.train",
     "convert": "clipjax.bench.convert",
     "masking": "clipjax.bench.masking",

@@ -10,6 +10,12 @@ projected step time and MFU (``clipjax.compile_ahead``).
         --config.model.remat=full --mesh=data=16,fsdp=16 --mesh=fsdp=256
     clipjax-bench compile --target=cpu:64 --config=... --accelerator="TPU v5p" --mfu=0.4
 
+``--breakdown`` (TPU targets) adds, per row, where the projected step goes: its seconds
+split into categories from the TPU compiler's per-operation cycle estimates (matmuls of
+each tower, attention, normalisation and element-wise work, loss, optimizer update,
+copies, remat recomputation; ``clipjax.step_breakdown``), summing to the step time, and
+the collectives' bytes by kind (the estimate counts no time for them).
+
 ``tpu:<topology>`` uses the TPU compiler (libtpu, from any machine); ``cpu:N``
 compiles for N simulated CPU devices, whose memory overstates an accelerator's
 and whose step time is an assumption (``--accelerator`` peak at ``--mfu``).
@@ -40,6 +46,8 @@ def _parse(argv):
                         "(clipjax.compile_ahead.HBM_GIB) the projection uses")
     p.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (overrides the table)")
     p.add_argument("--mfu", type=float, default=0.4, help="cpu targets: assumed model-FLOPs utilisation")
+    p.add_argument("--breakdown", action="store_true",
+                   help="tpu targets: split the projected step time by category (clipjax.step_breakdown)")
     p.add_argument("--json", action="store_true")
     args, rest = p.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
@@ -60,7 +68,7 @@ def _mesh_sizes(spec: str) -> dict[str, int]:
 
 
 def run(target_spec: str, config_spec: str, overrides: list[str], meshes: list[str], *, accelerator: str | None,
-        peak: float | None, assumed_mfu: float | None) -> list[dict]:
+        peak: float | None, assumed_mfu: float | None, breakdown: bool = False) -> list[dict]:
     """One plan row per mesh (the config's own when ``meshes`` is empty); UserError for a bad target or config."""
     from clipjax import compile_ahead
 
@@ -83,7 +91,8 @@ def run(target_spec: str, config_spec: str, overrides: list[str], meshes: list[s
         if mesh_spec:
             with config.unlocked():
                 config.mesh.update(_mesh_sizes(mesh_spec))
-        row = compile_ahead.plan(config, devices, peak_flops=peak, assumed_mfu=assumed_mfu, capacity=capacity)
+        row = compile_ahead.plan(config, devices, peak_flops=peak, assumed_mfu=assumed_mfu, capacity=capacity,
+                                 breakdown=breakdown)
         row = {"target": str(target), **row}
         if target.platform == "cpu":
             row["assumed"] = f"{accelerator} {peak / 1e12:.0f}TF @ mfu {assumed_mfu}"
@@ -96,11 +105,21 @@ def main(argv: list[str]) -> int:
     if args.target is None:
         args.target = f"cpu:{args.devices}"
     rows = run(args.target, args.config, args.overrides, args.mesh, accelerator=args.accelerator,
-               peak=args.peak, assumed_mfu=args.mfu)
+               peak=args.peak, assumed_mfu=args.mfu, breakdown=args.breakdown)
 
     from clipjax.bench.table import emit
 
+    parts = [None if args.json else r.pop("breakdown", None) for r in rows]  # JSON keeps it in the row
     emit(rows, as_json=args.json)
+    if args.breakdown and not args.json:
+        for row, part in zip(rows, parts):
+            print(f"\nwhere the projected step goes: {row['model']} {row['mesh']} (step {row['step_s'] or 0:.4g} s)")
+            if not part:
+                print("  no per-operation estimates (not a TPU target, or no step-time estimate)")
+                continue
+            emit([{"category": c, "seconds": s, "share": s / row["step_s"]} for c, s in part["seconds"].items()]
+                 + [{"category": f"collective {k} (GiB, not timed)", "seconds": v, "share": ""}
+                    for k, v in part["collective_GiB"].items()])
     for row in rows:
         if not row["fits"]:
             print(f"does not fit: {row['mesh']} needs {row['peak_GiB']:.1f} GiB per device, "

@@ -139,4 +139,8 @@ def main(argv: list[str]) -> int:
             r.update(jpeg_kb=round(float(kb), 1), size=f"{a.width}x{a.height}q{a.quality}->{a.image_size}")
         rows[-1]["vs_0_workers"] = rows[-1]["images_per_s"] / rows[1]["images_per_s"]
     emit(rows, a.json)
+    if not a.json:
+        from clipjax.bench.table import cpu_model
+
+        print(f"cpu: {cpu_model()}")  # per-core figures hold for this CPU only
     return 0

@@ -1,7 +1,8 @@
 """The OpenCLIP side of `clipjax-bench train --vs=openclip`, run in its own process.
 
 ``python -m clipjax.bench.openclip_step '<json spec>'`` builds the same two-tower
-model in open-clip-torch (fp32), a random batch, ``ClipLoss``, clip-norm and
+model in open-clip-torch (fp32; on a CUDA GPU, with ``amp_bf16``, under bf16 autocast as
+OpenCLIP's ``--precision amp_bf16`` trains), a random batch, ``ClipLoss``, clip-norm and
 ``torch.optim.AdamW`` with the same hyper-parameters and decay mask, runs the
 warm-up steps, prints ``ready``, then answers each stdin line ``run N`` with the
 seconds N steps took. ``quit`` (or end of input) ends it. It imports no jax,
@@ -39,7 +40,12 @@ def build(spec: dict[str, Any]):
     text = CLIPTextCfg(context_length=tx["context_length"], vocab_size=tx["vocab_size"], width=tx["width"],
                        heads=tx["heads"], layers=tx["depth"], mlp_ratio=tx["mlp_dim"] / tx["width"],
                        no_causal_mask=not tx["causal"], pool_type=_TEXT_POOLS[tx["pool"]])
-    model = CLIP(spec["embed_dim"], vision, text, quick_gelu=spec["act"] == "quick_gelu").float().train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = bool(spec.get("amp_bf16"))
+    if amp and device.type != "cuda":
+        raise SystemExit("--vs=openclip: a bf16 comparison runs OpenCLIP under CUDA autocast and needs a GPU; "
+                         "on a CPU pass --dtype=float32")
+    model = CLIP(spec["embed_dim"], vision, text, quick_gelu=spec["act"] == "quick_gelu").float().train().to(device)
     # clipjax's decay mask: matrices only; no biases, norms, embeddings or logit scale.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -51,15 +57,16 @@ def build(spec: dict[str, Any]):
                             lr=o["lr"], betas=(o["b1"], o["b2"]), eps=o["eps"])
     loss_fn = ClipLoss()
     b = spec["batch"]
-    images = torch.randn(b, 3, im["image_size"], im["image_size"])
-    ids = torch.randint(1, tx["vocab_size"] - 1, (b, tx["context_length"]))
+    images = torch.randn(b, 3, im["image_size"], im["image_size"], device=device)
+    ids = torch.randint(1, tx["vocab_size"] - 1, (b, tx["context_length"]), device=device)
     ids[:, -1] = tx["vocab_size"] - 1  # an end token in every caption
     max_log_scale = math.log(spec["max_logit_scale"])
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        zimg, ztxt, scale = model(images, ids)
-        loss = loss_fn(zimg, ztxt, scale)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            zimg, ztxt, scale = model(images, ids)
+            loss = loss_fn(zimg, ztxt, scale)
         loss.backward()
         if o["clip_norm"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])
@@ -67,14 +74,19 @@ def build(spec: dict[str, Any]):
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_log_scale)
 
-    return model, step
+    def sync() -> None:  # CUDA runs asynchronously: time only finished work
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return model, step, sync
 
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    model, step = build(spec)
+    model, step, sync = build(spec)
     for _ in range(spec["warmup"]):
         step()
+    sync()
     print("ready", sum(p.numel() for p in model.parameters()), flush=True)
     for line in sys.stdin:
         cmd = line.split()
@@ -84,6 +96,7 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         for _ in range(n):
             step()
+        sync()
         print(time.perf_counter() - t0, flush=True)
     return 0
 

@@ -11,6 +11,24 @@ from typing import Any, Sequence
 from clipjax.progress import format_cell, table_lines
 
 
+def cpu_model() -> str:
+    """The host CPU as lscpu names it, with the vector extensions that decide XLA:CPU's kernels."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({' '.join(isa)})" if isa else name
+
+
 def environment() -> dict[str, Any]:
     """Where and when a figure was measured (recorded next to every result)."""
     import jax
@@ -19,6 +37,7 @@ def environment() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),

@@ -189,11 +189,12 @@ def openclip_spec(config, threads: int, warmup: int) -> dict[str, Any]:
     if m.image.pool not in ("tok", "gap"):
         raise SystemExit(f"--vs=openclip: model.image.pool={m.image.pool!r} has no OpenCLIP equivalent here; "
                          "use tok or gap")
-    if m.dtype != "float32":
-        raise SystemExit("--vs=openclip compares fp32 steps: pass --dtype=float32")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise SystemExit("--vs=openclip compares fp32 steps (bf16 on a CUDA GPU): pass --dtype=float32")
     keys = ("width", "depth", "heads", "mlp_dim")
     return {
         "embed_dim": m.embed_dim, "act": m.act, "batch": config.train.batch_size, "threads": threads,
+        "amp_bf16": m.dtype == "bfloat16",
         "warmup": warmup, "max_logit_scale": m.max_logit_scale,
         "image": {**{k: m.image[k] for k in keys}, "patch_size": m.image.patch_size,
                   "image_size": m.image.image_size, "pool": m.image.pool, "ln_pre": m.image.ln_pre},
@@ -350,6 +351,7 @@ def main(argv: list[str]) -> int:
     # `make demo` runs): many small ops keep both cores busier split over devices.
     wanted = args.devices or config_device_count(args)
     host_env.request_cpu_devices(wanted)
+    host_env.reuse_heap()  # called from Python too (no entry point): before JAX's CPU client starts
     import jax
 
     if jax.default_backend() == "cpu":
@@ -372,6 +374,10 @@ def main(argv: list[str]) -> int:
                                 print(f"  {r['model']} B={r['batch']} {r['dtype']} remat={r['remat']} "
                                       f"data {r['data']}: {r['step_s']:.3f} s/step", flush=True)
     emit(rows, as_json=args.json)
+    if not args.json and jax.default_backend() == "cpu":
+        from clipjax.bench.table import cpu_model
+
+        print(f"cpu: {cpu_model()}")  # CPU figures hold for this CPU only
     return 0
 
 
