@@ -47,12 +47,12 @@ def _split_key(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext.lower()
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
     return "://" in path
 
 
 def _glob(pattern: str) -> list[str]:
-    if not _is_remote(pattern):
+    if not is_remote(pattern):
         return glob.glob(pattern)
     folder, name = pattern.rsplit("/", 1)  # bucket globs: wildcards in the last component only
     return [os.fspath(p) for p in epath.Path(folder).glob(name)]
