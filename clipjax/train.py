@@ -214,7 +214,8 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             if (step + 1) % config.train.log_every == 0 or step + 1 == total:
                 # Only on logged steps: a norm is a full pass over the weights, the step stays lean.
                 metrics = dict(metrics, **{"train/param_norm": param_norm(state.params)})
-            metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
+            metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped,
+                                       "data/skipped_shards": getattr(data_iter, "num_skipped_shards", 0)})
             window_steps += 1
             if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
                 handle(*pending)

@@ -259,3 +259,51 @@ def _gz(folder: str) -> str:
     with open(os.path.join(folder, "shard-000.tar"), "rb") as f, gzip.open(path, "wb") as g:
         g.write(f.read())
     return path
+
+
+@pytest.mark.parametrize("mode", ["random", "stream"])
+def test_killed_run_resumes_to_the_uninterrupted_losses(tars, tmp_path, mode):
+    import pathlib
+
+    from clipjax.config import load_config
+    from clipjax.evals.config import evals_config
+    from clipjax.report import read_metrics
+    from clipjax.train import _default_data_iterator, train
+
+    demo = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+    c = load_config(f"{demo}:smoke,data={tmp_path / 'unused'}",
+                    ["--config.data.source=webdataset", f"--config.data.path={tars}",
+                     f"--config.data.webdataset.mode={mode}", "--config.data.webdataset.lanes=2",
+                     "--config.data.webdataset.shuffle_buffer=8", "--config.data.num_workers=0",
+                     "--config.train.steps=5", "--config.train.batch_size=16", "--config.checkpoint.every=2",
+                     "--config.checkpoint.async_save=false"])
+    c.evals = evals_config()  # no evaluations: they would read the synthetic set
+
+    class Killed:
+        """The real stream, dying at its 4th batch (after the checkpoint of step 2)."""
+
+        def __init__(self, config, mesh):
+            self.inner, self.n = _default_data_iterator(config, mesh), 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 4:
+                raise KeyboardInterrupt("killed")
+            return next(self.inner)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    train(c, str(tmp_path / "ref"))
+    with pytest.raises(KeyboardInterrupt):
+        train(c, str(tmp_path / "run"), data_iterator_fn=Killed)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]  # died unsaved after step 3
+    train(c, str(tmp_path / "run"))  # resumes from step 2
+
+    def losses(run):
+        rows = read_metrics(str(tmp_path / run / "metrics.jsonl"))
+        assert all(r.get("data/skipped_shards", 0) == 0 for r in rows) and "data/skipped_shards" in rows[-1]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    ref, run = losses("ref"), losses("run")
+    assert sorted(ref) == [1, 2, 3, 4, 5] and {s: run[s] for s in ref} == ref  # bitwise on CPU

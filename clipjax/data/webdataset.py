@@ -138,7 +138,14 @@ def read_span(path: str, start: int, end: int) -> bytes:
 @contextlib.contextmanager
 def open_tar_stream(path: str, offset: int = 0) -> Iterator[BinaryIO]:
     """The uncompressed tar bytes of ``path`` from ``offset`` on (gzip is decompressed and skipped through)."""
-    with epath.Path(path).open("rb") as f, tars.decompressed(f) as stream:
+    if tars.is_remote(path):
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs(path)
+        opened = fs.open(path, "rb")  # buffered with read-ahead: few requests for a whole shard
+    else:
+        opened = open(path, "rb")
+    with opened as f, tars.decompressed(f) as stream:
         if offset:
             stream.seek(offset)
         yield stream
