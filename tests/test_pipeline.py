@@ -241,7 +241,7 @@ def test_tfds_source_with_mock_data():
 def test_validate_data_config_names_the_key():
     c = data_config_lib.data_config()
     data_config_lib.validate_data_config(c)
-    for key, value, needle in [("source", "webdataset", "config.data.source"),
+    for key, value, needle in [("source", "parquet", "config.data.source"),
                                ("crop_scale", (0.5, 1.2), "config.data.crop_scale"),
                                ("caption_choice", "longest", "config.data.caption_choice"),
                                ("max_skip_fraction", 2.0, "config.data.max_skip_fraction")]:

@@ -127,6 +127,27 @@ def test_resume_is_bitwise_under_another_worker_count(tars, mode):
     _assert_same(head + _take(fresh, 7), whole)
 
 
+def test_stream_state_resumes_at_every_example(tmp_path):
+    for k in range(SHARDS):  # tars without the end-of-archive blocks, which some writers leave out
+        data = _shard(k)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            last = tar.getmembers()[-1]
+        (tmp_path / f"{k}.tar").write_bytes(data[:last.offset_data + -(-last.size // 512) * 512])
+    args = dict(paths=wds.shard_paths(str(tmp_path)), seed=1, shuffle=True, process_index=0, process_count=1, lanes=2,
+                buffer_size=4, retries=0, retry_delay_s=0.0)
+    whole, keys, states = webdataset_stream.ExampleStream(**args), [], []
+    for _ in range(40):  # past the epoch's end
+        states.append(json.loads(json.dumps(whole.state())))
+        keys.append(next(whole)[4])
+    whole.close()
+    assert sorted(keys[:35]) == [f"{i:05d}" for i in range(35)]
+    for p in range(37):  # every lane cursor, also after a shard's last example and at the epoch's end
+        s = webdataset_stream.ExampleStream(**args, state=states[p])
+        assert [next(s)[4] for _ in range(3)] == keys[p:p + 3], p
+        assert s.state()["skipped_shards"] == [], p  # a lane reopened past its last example is not damage
+        s.close()
+
+
 def test_random_access_resumes_under_another_process_count(tars):
     whole = _ids(_take(_train(_cfg(tars), batch=2), 20))
     two = [_train(_cfg(tars), batch=4, pi=p, pc=2) for p in range(2)]

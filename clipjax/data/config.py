@@ -103,7 +103,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.source not in SOURCES:
         _fail("source", f"{cfg.source!r} is not one of {SOURCES}")
     if cfg.source in ("arrayrecord", "webdataset") and not cfg.path:
-        _fail("path", f"source={cfg.source} needs the shards (a folder, or for webdataset tar paths/patterns)")
+        _fail("path", f"source={cfg.source} needs the shards (a folder; for webdataset tar paths or patterns)")
     if cfg.source == "tfds" and not cfg.tfds_name:
         _fail("tfds_name", "source=tfds needs a dataset name, e.g. 'cifar10'")
     if not cfg.train_split:

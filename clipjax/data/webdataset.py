@@ -83,7 +83,7 @@ def shard_paths(spec: str | Sequence[str]) -> list[str]:
     paths: list[str] = []
     for name in names:
         for p in _expand_braces(name):
-            if any(ch in p for ch in "*?[") or (not tars.is_remote(p) and os.path.isdir(p)):
+            if any(ch in p for ch in "*?[") or not p.endswith(tars.TAR_SUFFIXES):
                 paths += tars.tar_paths([p])  # the converters' listing (globs, folders of *.tar)
             else:
                 paths.append(p)
@@ -97,11 +97,12 @@ def shard_paths(spec: str | Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------- reads
 
 
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, gzip.BadGzipFile)
+
+
 def transient(e: BaseException) -> bool:
     """Whether a read error may go away on a retry (network, throttling), unlike damage or absence."""
-    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
-                                                         NotADirectoryError, EOFError)) \
-        and not type(e).__name__ == "BadGzipFile"
+    return isinstance(e, OSError) and not isinstance(e, _PERMANENT)
 
 
 def with_retries(fn: Callable[[], _T], what: str, retries: int, delay_s: float) -> _T:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import gzip
 import logging
 import queue
 import tarfile
@@ -42,7 +43,7 @@ from clipjax.data.loading import LazyTokenizer
 log = logging.getLogger("clipjax")
 
 _LANE_DEPTH = 32  # groups a lane reads ahead of the merge
-_DAMAGE = (tarfile.TarError, EOFError, zlib.error)
+_DAMAGE = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,12 +106,12 @@ class _Lane:
                     self._put(("group", k, held))
                 return ""
             except _DAMAGE as e:
+                if held is None and offset > 0 and str(e) == "empty file":  # resumed after the last example
+                    return ""
                 if held is not None:  # the damage came after its last member: keep it, as the converter does
                     self._put(("group", k, held))
                 return f"damaged ({e or type(e).__name__})"
             except OSError as e:
-                if type(e).__name__ == "BadGzipFile":
-                    return f"damaged ({e})"
                 if not wds.transient(e) or failures >= self.retries:
                     return f"unreachable ({e})"
                 log.warning("%s: %s; retry %d of %d at byte %d", path, e, failures + 1, self.retries, offset)
@@ -227,6 +228,9 @@ class ExampleStream:
                 self._buffer.append(group)
             if self._buffer:
                 break
+            if self.draws == 0:
+                raise wds.WebDatasetError(f"no readable examples in this process's shards (of {len(self.paths)} "
+                                          f"from {self.paths[0]}); check config.data.path")
             self.epoch, self.draws = self.epoch + 1, 0  # the buffer drains at each epoch's end
             self._open_lanes([[0, 0] for _ in range(self.num_lanes)], 0)
         j = _slot(self.seed, self.epoch, self.draws, len(self._buffer))

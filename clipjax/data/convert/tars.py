@@ -24,7 +24,8 @@ from clipjax.data.convert.example import Item, ShardStats
 from clipjax.data.convert.options import ConvertError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_PATTERNS = tuple("*" + s for s in TAR_SUFFIXES)
 
 
 def is_unsafe_member(name: str) -> bool:
