@@ -12,7 +12,6 @@ import tarfile
 import time
 
 import fsspec
-import numpy as np
 import pytest
 from etils import epath
 
@@ -176,12 +175,10 @@ class _SlowBucket(_FakeBucket):
 
     latency_s = 0.002
     fail_at: dict = {}  # path -> byte position: the first read crossing it raises ConnectionError
-    opened: list = []
 
     def _open(self, path, mode="rb", **kw):
         time.sleep(self.latency_s)
         f = super()._open(path, mode, **kw)
-        self.opened.append(self._strip_protocol(path))
         at = self.fail_at.get(self._strip_protocol(path))
         if at is None or "r" not in mode:
             return f
@@ -203,7 +200,6 @@ def bucket(monkeypatch, tmp_path):
     for name in ("gs", "gcs"):
         fsspec.register_implementation(name, _SlowBucket, clobber=True)
     monkeypatch.setattr(_FakeBucket, "store", {})
-    monkeypatch.setattr(_SlowBucket, "opened", [])
     monkeypatch.setenv("CLIPJAX_DATA_DIR", str(tmp_path / "cache"))
     for k in range(SHARDS):
         epath.Path(f"gs://b/{k:02d}.tar").write_bytes(_shard(k))

@@ -152,14 +152,14 @@ def open_tar_stream(path: str, offset: int = 0) -> Iterator[BinaryIO]:
         yield stream
 
 
-def _read_member(tar, member) -> bytes:
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     m = tar.extractfile(member)
     return m.read() if m is not None else b""
 
 
 def parse_group(data: bytes, path: str) -> tuple[str, dict[str, bytes]]:
     """``(key, {ext: bytes})`` of one group's bytes as ``read_span`` returns them."""
-    for key, files, _, _ in tars.member_groups(io.BytesIO(data), path, ShardStats(), _read_member):
+    for key, files, _, _ in tars.member_groups(io.BytesIO(data), path, ShardStats(), read_member):
         return key, files
     raise ShardUnreadable(f"{path}: no tar members in the indexed span")
 
@@ -181,11 +181,6 @@ def example_of(files: dict[str, bytes], key: str = "") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- index
-
-
-def shard_tags(paths: Sequence[str]) -> list[str]:
-    """The key prefix of each shard's examples, as the converter names them (unique across shards)."""
-    return tars.tar_tags(paths)
 
 
 def index_path(shard: str, index_dir: str) -> str:
@@ -219,7 +214,7 @@ def build_index(shard: str, retries: int, delay_s: float) -> dict[str, Any]:
                 raise WebDatasetError(f"{shard}: compressed shards cannot be read at random; set "
                                       "config.data.webdataset.mode=stream or decompress them")
             try:
-                for _, _, start, end in tars.member_groups(stream, shard, ShardStats(), _read_member):
+                for _, _, start, end in tars.member_groups(stream, shard, ShardStats(), read_member):
                     starts.append(start), ends.append(end)
             except (tarfile.TarError, EOFError) as e:
                 damaged = str(e) or type(e).__name__
@@ -283,7 +278,7 @@ class WebDatasetExamples:
     def __init__(self, spec: str | Sequence[str], *, index_dir: str = "", retries: int = 3,
                  retry_delay_s: float = 1.0):
         self.shards = shard_paths(spec)
-        self.tags = shard_tags(self.shards)
+        self.tags = tars.tar_tags(self.shards)  # key prefixes, as the converter writes them
         self.retries, self.retry_delay_s = int(retries), float(retry_delay_s)
         indexes = load_indexes(self.shards, index_dir, self.retries, self.retry_delay_s)
         self.num_skipped_shards = sum(1 for x in indexes if x is None or x["damaged"])

@@ -97,7 +97,7 @@ class _Lane:
             held = None  # handed over only once the next group (or the clean end) is seen
             try:
                 with wds.open_tar_stream(path, offset) as stream:
-                    for group in tars.member_groups(stream, path, ShardStats(), _read_member, base=offset):
+                    for group in tars.member_groups(stream, path, ShardStats(), wds.read_member, base=offset):
                         if held is not None:
                             self._put(("group", k, held))
                             failures = 0
@@ -125,11 +125,6 @@ class _Lane:
 
 class _Stopped(Exception):
     pass
-
-
-def _read_member(tar, member) -> bytes:
-    m = tar.extractfile(member)
-    return m.read() if m is not None else b""
 
 
 class ExampleStream:
