@@ -246,6 +246,14 @@ def test_index_is_built_once_and_safe_against_a_concurrent_builder(tmp_path, mon
         saved = json.loads(epath.Path(wds.index_path(path, index_dir)).read_text())
         assert saved == wds.build_index(path, 0, 0.0)
 
+    built = []
+    monkeypatch.setattr(wds, "load_or_build_index", lambda shard, *a: built.append(shard) or first_index)
+    first_index = {"starts": [], "ends": [], "damaged": ""}
+    paths = wds.shard_paths(str(folder))
+    wds.load_indexes(paths, index_dir, 0, 0.0, threads=1, process=(2, 3))
+    assert built == paths[2::3] + paths[0::3] + paths[1::3]  # a pod's host builds its own share first
+    monkeypatch.undo()
+
     def no_rebuild(*a, **k):
         raise AssertionError("index rebuilt")
 

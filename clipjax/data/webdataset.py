@@ -24,6 +24,7 @@ import logging
 import os
 import posixpath
 import re
+import sys
 import tarfile
 import time
 from typing import Any, BinaryIO, Callable, Iterator, Sequence, TypeVar
@@ -241,16 +242,24 @@ def load_or_build_index(shard: str, index_dir: str, retries: int, delay_s: float
 
 
 def load_indexes(shards: Sequence[str], index_dir: str, retries: int, delay_s: float,
-                 threads: int = _INDEX_THREADS) -> list[dict[str, Any] | None]:
-    """Every shard's index (None for an unreachable shard), loaded or built in parallel."""
-    def one(shard: str) -> dict[str, Any] | None:
+                 threads: int = _INDEX_THREADS, process: tuple[int, int] = (0, 1)) -> list[dict[str, Any] | None]:
+    """Every shard's index (None for an unreachable shard), loaded or built in parallel.
+
+    Process ``i`` of ``n`` takes shards ``i::n`` first: with a shared ``index_dir``, the
+    hosts of a pod build one share each and find the others' indexes written when they
+    come to them (a late one is built twice, identically). No host waits for another.
+    """
+    def one(k: int) -> dict[str, Any] | None:
         try:
-            return load_or_build_index(shard, index_dir, retries, delay_s)
+            return load_or_build_index(shards[k], index_dir, retries, delay_s)
         except ShardUnreadable as e:
             return {"unreadable": str(e)}
 
+    i, n = process
+    order = [k for r in range(n) for k in range((i + r) % n, len(shards), n)]
     with concurrent.futures.ThreadPoolExecutor(min(threads, len(shards))) as pool:
-        found = list(pool.map(one, shards))
+        found = dict(zip(order, pool.map(one, order)))  # map starts the work in this order
+    found = [found[k] for k in range(len(shards))]
     out: list[dict[str, Any] | None] = []
     for shard, index in zip(shards, found):
         if "unreadable" in index:
@@ -267,6 +276,12 @@ def load_indexes(shards: Sequence[str], index_dir: str, retries: int, delay_s: f
 # ---------------------------------------------------------------- random-access source
 
 
+def _process_slot() -> tuple[int, int]:
+    """jax's (process index, count) when jax is in use, else (0, 1): no jax import for tools."""
+    jax = sys.modules.get("jax")
+    return (jax.process_index(), jax.process_count()) if jax is not None else (0, 1)
+
+
 class WebDatasetExamples:
     """The examples of webdataset shards by global index, through their indexes (picklable).
 
@@ -280,7 +295,7 @@ class WebDatasetExamples:
         self.shards = shard_paths(spec)
         self.tags = tars.tar_tags(self.shards)  # key prefixes, as the converter writes them
         self.retries, self.retry_delay_s = int(retries), float(retry_delay_s)
-        indexes = load_indexes(self.shards, index_dir, self.retries, self.retry_delay_s)
+        indexes = load_indexes(self.shards, index_dir, self.retries, self.retry_delay_s, process=_process_slot())
         self.num_skipped_shards = sum(1 for x in indexes if x is None or x["damaged"])
         empty = {"starts": [], "ends": []}
         self.starts = [np.asarray((x or empty)["starts"], np.int64) for x in indexes]
