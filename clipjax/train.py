@@ -49,10 +49,10 @@ class LossSpikeError(UserError, RuntimeError):
 
 
 def _default_data_iterator(config, mesh) -> Any:
-    from clipjax.data import train_input
+    from clipjax.data import train_data
     from clipjax.data.locca import DecoderTargets
 
-    return train_input.make_train_iterator(
+    return train_data.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
         context_length=config.model.text.context_length, seed=config.seed, mesh=mesh,
         decoder=DecoderTargets.from_config(config))
@@ -363,7 +363,8 @@ class Run:
                     if done % config.train.log_every == 0 or done == total:
                         # Only on logged steps: a norm is a full pass over the weights, the step stays lean.
                         metrics = dict(metrics, **{"train/param_norm": self.param_norm(state.params)})
-                    metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped})
+                    metrics = dict(metrics, **{"data/skipped_examples": data_iter.num_skipped,
+                                                       "data/skipped_shards": getattr(data_iter, "num_skipped_shards", 0)})
                     if pending is not None:  # fetch step N-1's metrics only after step N is dispatched
                         self._log(*pending)
                     pending = (done, metrics)

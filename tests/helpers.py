@@ -8,6 +8,7 @@ import tarfile
 import grain
 import jax
 import numpy as np
+from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from clipjax import checkpoint as ckpt_lib
@@ -211,3 +212,39 @@ def assert_one_line_error(code, err, prog, *hints):
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
     for hint in hints:
         assert hint in lines[0], (hint, lines[0])
+
+
+class FakeBucket(MemoryFileSystem):
+    """``gs://`` served from memory through fsspec, as gcsfs serves a real bucket to etils.epath."""
+
+    protocol, root_marker = ("gs", "gcs"), ""
+    store, pseudo_dirs = {}, [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return path.split("://", 1)[-1].rstrip("/")
+
+
+def png(index: int, w: int = 20, h: int = 14) -> bytes:
+    """A solid image whose colour encodes ``index`` (survives crop and resize exactly)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (index % 256, index // 256, 77)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def index_of(images: np.ndarray) -> np.ndarray:
+    """Inverse of ``_png`` on [b, P, P, 3] uint8 crop buffers: the record index per row."""
+    px = np.asarray(images)[:, 0, 0, :2].astype(int)  # the crop's pixels start top-left
+    return px[:, 0] + 256 * px[:, 1]
+
+
+def assert_same(xs: list[dict], ys: list[dict]) -> None:
+    """Two lists of batches, equal key by key and bit by bit."""
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)

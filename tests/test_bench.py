@@ -53,3 +53,12 @@ def test_train_suite_times_the_real_step_on_the_configs_devices(capsys, tmp_path
         assert r["step_s"] > 0 and r["samples_per_s"] == 16 / r["step_s"]
         assert 0 < r["mfu"] <= r["hfu"] and r["GFLOP_model/dev"] > 0 and r["peak_GiB"] > 0
         assert r["faults/step"] >= 0 and r["kernel_s/step"] >= 0
+
+
+def test_data_suite_webdataset_rows(capsys):
+    rows = _rows(capsys, ["data", "--source=webdataset", "--num_images=8", "--image_size=32", "--width=64",
+                          "--height=48", "--batch=4", "--workers=0", "--passes=1", "--rounds=1", "--latency_ms=1",
+                          "--json"])
+    assert [r["case"] for r in rows[4:]] == ["webdataset random access, draft decode"] * 2 + [
+        "webdataset stream, bucket +1 ms a request"]
+    assert rows[4]["per_core_vs_arrayrecord"] > 0 and all(r["images_per_s"] > 0 for r in rows)

@@ -8,13 +8,12 @@ import grain
 import numpy as np
 import pytest
 from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
 
 from clipjax.data import records
 from clipjax.data.config import data_config
 from clipjax.data.convert import ConvertError, ConvertOptions, convert_csv, convert_wds
 from clipjax.data.train_input import make_train_iterator
-from helpers import make_csv_dataset, make_tars
+from helpers import FakeBucket, make_csv_dataset, make_tars
 
 pytestmark = pytest.mark.slow  # each Beam pipeline takes seconds to start
 
@@ -97,24 +96,10 @@ def test_failed_beam_run_leaves_no_partial_shard_and_resumes(tmp_path, monkeypat
     assert shards(out) == want and leftovers(out) == []
 
 
-class _FakeBucket(MemoryFileSystem):
-    """``gs://`` served from memory through fsspec, as gcsfs serves a real bucket to etils.epath."""
-
-    protocol, root_marker = ("gs", "gcs"), ""
-    store, pseudo_dirs = {}, [""]
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return path.split("://", 1)[-1].rstrip("/")
-
-
 def test_bucket_paths_in_and_out(tmp_path, monkeypatch):
     for name in ("gs", "gcs"):
-        fsspec.register_implementation(name, _FakeBucket, clobber=True)
-    monkeypatch.setattr(_FakeBucket, "store", {})
+        fsspec.register_implementation(name, FakeBucket, clobber=True)
+    monkeypatch.setattr(FakeBucket, "store", {})
     make_tars(tmp_path)
     for p in tmp_path.glob("*.tar"):
         epath.Path(f"gs://bucket/tars/{p.name}").write_bytes(p.read_bytes())

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import os
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipjax import sharding
 from clipjax.data import config as data_config_lib
 from clipjax.data import eval_input, records, train_input, transforms
+from helpers import assert_same, index_of, png
 
 N = 37  # odd, so the two processes get 19 and 18 records
 SIZE = 8  # tiny output images keep the tests fast
 BUF = transforms.ImageOptions(SIZE).buffer_size  # side of the uint8 crop buffers
-
-
-def _png(index: int, w: int = 20, h: int = 14) -> bytes:
-    """A solid image whose colour encodes ``index`` (survives crop and resize exactly)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (index % 256, index // 256, 77)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _index_of(images: np.ndarray) -> np.ndarray:
-    """Inverse of ``_png`` on [b, P, P, 3] uint8 crop buffers: the record index per row."""
-    px = np.asarray(images)[:, 0, 0, :2].astype(int)  # the crop's pixels start top-left
-    return px[:, 0] + 256 * px[:, 1]
 
 
 def _write(folder: str, split: str, examples: list[records.Example], shards: int = 2) -> str:
@@ -44,10 +30,10 @@ def _write(folder: str, split: str, examples: list[records.Example], shards: int
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("shards"))
-    train = [records.Example(f"k{i}", _png(i, 20 + i % 5, 14 + i % 3), [f"first {i}", f"second {i}", f"third {i}"], i % 5)
+    train = [records.Example(f"k{i}", png(i, 20 + i % 5, 14 + i % 3), [f"first {i}", f"second {i}", f"third {i}"], i % 5)
              for i in range(N)]
     # eval: a varying number of captions (0..6) to exercise K-padding and truncation
-    evals = [records.Example(f"e{i}", _png(i), [f"c{j} of {i}" for j in range(i % 7)], i % 5) for i in range(N)]
+    evals = [records.Example(f"e{i}", png(i), [f"c{j} of {i}" for j in range(i % 7)], i % 5) for i in range(N)]
     _write(folder, "train", train)
     _write(folder, "val", evals, shards=1)
     return folder
@@ -59,7 +45,7 @@ def bad_shards(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("bad"))
     exs = []
     for i in range(40):
-        image = _png(i)
+        image = png(i)
         if i % 8 == 1:
             image = b"not an image at all"
         elif i % 8 == 5:
@@ -88,7 +74,7 @@ def _take(it, n: int) -> list[dict]:
 
 
 def _indices(batches: list[dict]) -> np.ndarray:
-    return np.concatenate([_index_of(b["image"]) for b in batches])
+    return np.concatenate([index_of(b["image"]) for b in batches])
 
 
 def test_processes_partition_each_epoch(shards):
@@ -119,21 +105,13 @@ def test_each_epoch_draws_new_crops_and_captions(shards):
     """Unshuffled, record i is at position i (epoch 0) and i + N (epoch 1): another crop, another caption."""
     rows = {k: np.concatenate([np.asarray(b[k]) for b in _take(_train(_cfg(shards, shuffle=False)), 10)])
             for k in ("image", "image_box", "text")}
-    assert np.array_equal(_index_of(rows["image"][N:2 * N]), np.arange(N))  # the same records, one epoch later
+    assert np.array_equal(index_of(rows["image"][N:2 * N]), np.arange(N))  # the same records, one epoch later
     first, second = slice(0, N), slice(N, 2 * N)
     new_box = np.any(rows["image_box"][first] != rows["image_box"][second], axis=1)
     new_text = np.any(rows["text"][first] != rows["text"][second], axis=1)
     # Crops of 20x14 px images take few distinct integer boxes; the same seed gives none (0 of N).
     assert new_box.mean() > 0.15
     assert 0.4 < new_text.mean() < 0.9  # another of 3 captions about 2/3 of the time
-
-
-def _assert_same(xs: list[dict], ys: list[dict]) -> None:
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
 
 
 def test_resume_gives_the_uninterrupted_batches(shards):
@@ -146,7 +124,7 @@ def test_resume_gives_the_uninterrupted_batches(shards):
     assert state == {"position": 32, "num_skipped": 0}
     fresh = _train(cfg)
     fresh.set_state(state)
-    _assert_same(first + _take(fresh, 5), whole)
+    assert_same(first + _take(fresh, 5), whole)
 
 
 def test_workers_match_no_workers_and_resume_across_worker_counts(shards):
@@ -155,10 +133,10 @@ def test_workers_match_no_workers_and_resume_across_worker_counts(shards):
     got = [next(it) for _ in range(3)]
     state = it.get_state()
     it.close()
-    _assert_same(got, ref[:3])
+    assert_same(got, ref[:3])
     fresh = _train(_cfg(shards))  # resume with another worker count
     fresh.set_state(state)
-    _assert_same(_take(fresh, 3), ref[3:])
+    assert_same(_take(fresh, 3), ref[3:])
 
 
 def test_orbax_checkpoint_roundtrip(shards, tmp_path):
@@ -173,7 +151,7 @@ def test_orbax_checkpoint_roundtrip(shards, tmp_path):
         it.close()
         fresh = _train(_cfg(shards))
         mngr.restore(2, args=ocp.args.Composite(data=fresh.restore_args()))
-    _assert_same(head + _take(fresh, 3), whole)
+    assert_same(head + _take(fresh, 3), whole)
 
 
 def test_bad_images_are_skipped_and_counted(bad_shards):
@@ -210,7 +188,7 @@ def test_eval_pads_the_last_batch_and_masks(shards):
         assert b["image_box"].shape == (8, 4) and b["image_hw"].shape == (8, 2)
         assert b["text"].shape == (8, K, 16) and b["text"].dtype == np.int32
         assert b["text_mask"].shape == (8, K) and b["label"].dtype == np.int32
-        idx = np.concatenate([_index_of(b["image"]) for b in batches])[mask]
+        idx = np.concatenate([index_of(b["image"]) for b in batches])[mask]
         np.testing.assert_array_equal(idx, np.arange(p, N, 2))  # unshuffled, strided
         labels = np.concatenate([b["label"] for b in batches])
         np.testing.assert_array_equal(labels[mask], idx % 5)
@@ -254,7 +232,7 @@ def test_tfds_source_with_mock_data():
 def test_validate_data_config_names_the_key():
     c = data_config_lib.data_config()
     data_config_lib.validate_data_config(c)
-    for key, value, needle in [("source", "webdataset", "config.data.source"),
+    for key, value, needle in [("source", "parquet", "config.data.source"),
                                ("crop_scale", (0.5, 1.2), "config.data.crop_scale"),
                                ("caption_choice", "longest", "config.data.caption_choice"),
                                ("max_skip_fraction", 2.0, "config.data.max_skip_fraction")]:

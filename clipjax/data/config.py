@@ -16,9 +16,10 @@ from clipjax.data.tokenizer import KINDS as TOKENIZERS
 from clipjax.data.transforms import EVAL_CROPS
 
 CAPTION_CHOICES = ("random", "first")
+WEBDATASET_MODES = ("random", "stream")
 
 
-SOURCES = ("synthetic", "arrayrecord", "tfds")  # config.data.source
+SOURCES = ("synthetic", "arrayrecord", "tfds", "webdataset")  # config.data.source
 
 
 def synth_config() -> ml_collections.ConfigDict:
@@ -33,13 +34,31 @@ def synth_config() -> ml_collections.ConfigDict:
     })
 
 
+def webdataset_config() -> ml_collections.ConfigDict:
+    """How webdataset tar shards are read (``source=webdataset``; see docs/data.md)."""
+    return ml_collections.ConfigDict({
+        # random: index each shard once (member offsets), then read examples at random with a
+        # global shuffle, like ArrayRecord. stream: read shards front to back with a shuffle buffer.
+        "mode": "random",
+        # random: where the shard indexes go. "" -> beside local shards (when their folder is
+        # writable), else $CLIPJAX_DATA_DIR/webdataset-index; a bucket path only when you name one.
+        "index_dir": "",
+        "lanes": 4,  # stream: shards read at once per process (each front to back, in a thread)
+        "shuffle_buffer": 1000,  # stream: examples the shuffle draws from
+        "retries": 3,  # transient read errors retried this many times, waiting retry_delay_s doubled each time
+        "retry_delay_s": 1.0,
+    })
+
+
 def data_config() -> ml_collections.ConfigDict:
     """Every ``config.data`` field with its default."""
     return ml_collections.ConfigDict({
         # --- source ---
-        "source": "synthetic",  # synthetic | arrayrecord | tfds
+        "source": "synthetic",  # synthetic | arrayrecord | tfds | webdataset
         # Folder of ArrayRecord shards (records.py format). For "synthetic" the dataset is
         # generated into it when missing; "" -> $CLIPJAX_DATA_DIR/synthetic or ~/.cache/clipjax/synthetic.
+        # For "webdataset": tar shards, local or any epath/fsspec URL: brace ranges
+        # ('gs://b/{00000..00099}.tar'), globs, folders, several separated by '::'.
         "path": "",
         "train_split": "train",  # shard prefix (arrayrecord/synthetic) or TFDS split, e.g. "train[:90%]"
         "tfds_name": "",  # e.g. "cifar10" or "coco_captions:1.*" (source=tfds)
@@ -75,6 +94,7 @@ def data_config() -> ml_collections.ConfigDict:
         "max_skip_fraction": 0.01,
         "skip_check_after": 1000,
         "synth": synth_config(),  # the synthetic dataset (source=synthetic)
+        "webdataset": webdataset_config(),  # tar shards read in place (source=webdataset)
     })
 
 
@@ -86,8 +106,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad ``config.data`` key."""
     if cfg.source not in SOURCES:
         _fail("source", f"{cfg.source!r} is not one of {SOURCES}")
-    if cfg.source == "arrayrecord" and not cfg.path:
-        _fail("path", "source=arrayrecord needs the folder of shards")
+    if cfg.source in ("arrayrecord", "webdataset") and not cfg.path:
+        _fail("path", f"source={cfg.source} needs the shards (a folder; for webdataset tar paths or patterns)")
     if cfg.source == "tfds" and not cfg.tfds_name:
         _fail("tfds_name", "source=tfds needs a dataset name, e.g. 'cifar10'")
     if not cfg.train_split:
@@ -122,6 +142,14 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("max_skip_fraction", f"{cfg.max_skip_fraction} must be in [0, 1]")
     if cfg.skip_check_after < 1:
         _fail("skip_check_after", f"{cfg.skip_check_after} must be >= 1")
+    w = cfg.get("webdataset") or webdataset_config()
+    if w.mode not in WEBDATASET_MODES:
+        _fail("webdataset.mode", f"{w.mode!r} is not one of {WEBDATASET_MODES}")
+    for key in ("lanes", "shuffle_buffer"):
+        if w[key] < 1:
+            _fail(f"webdataset.{key}", f"{w[key]} must be >= 1")
+    if w.retries < 0 or w.retry_delay_s < 0:
+        _fail("webdataset.retries", f"retries={w.retries}, retry_delay_s={w.retry_delay_s} must be >= 0")
     validate_synth_config(cfg.synth)
 
 

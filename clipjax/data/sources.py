@@ -126,7 +126,8 @@ def open_source(spec: Any, split: str) -> ExampleSource:
     """Opens ``split`` of a source given as a ``config.data`` dict or a string.
 
     Strings: ``"arrayrecord:DIR"``, ``"synthetic:DIR"`` (generated if missing, default
-    settings), ``"tfds:NAME"`` or ``"tfds:NAME@DATA_DIR"``. A plain directory means arrayrecord.
+    settings), ``"tfds:NAME"``, ``"tfds:NAME@DATA_DIR"`` or ``"webdataset:SHARDS"`` (random access;
+    ``split`` is not used). A plain directory means arrayrecord.
     """
     if isinstance(spec, str):
         from clipjax.data.config import data_config
@@ -152,6 +153,12 @@ def open_source(spec: Any, split: str) -> ExampleSource:
         return TfdsExamples(spec["tfds_name"], split, data_dir=spec["tfds_data_dir"], image_key=spec["image_key"],
                             text_key=spec["text_key"], label_key=spec["label_key"],
                             label_template=spec["label_caption_template"])
+    if source == "webdataset":
+        from clipjax.data.webdataset import WebDatasetExamples
+
+        w = spec["webdataset"]
+        return WebDatasetExamples(spec["path"], index_dir=w["index_dir"], retries=w["retries"],
+                                  retry_delay_s=w["retry_delay_s"])
     raise ValueError(f"config.data.source: unknown source {source!r}")
 
 

@@ -104,18 +104,28 @@ class _TrainElement:
         except (ValueError, KeyError, TypeError) as e:  # a corrupt record counts like a bad image
             log.debug("skipping unreadable record %d: %s", record, e)
             return {"ok": np.False_}
-        captions = ex["captions"]
-        fields = decode_or_none(transforms.train_image, ex["image"], rng, self.opts) if captions else None
-        if fields is None:
-            return {"ok": np.False_}
-        k = int(rng.integers(len(captions))) if self.caption_choice == "random" else 0
-        fields["text"] = self.tokenizer.get()([captions[k]])[0].astype(np.int32)
+        decoder_rng = None
         if self.decoder is not None:
-            fields.update(self.decoder.build(fields["text"], ex.get("regions") or (), fields["crop_xyxy"],
-                                             self.tokenizer.get(),
-                                             np.random.default_rng([self.seed, epoch, record, _DECODER_STREAM])))
-        fields["ok"] = np.True_
-        return fields
+            decoder_rng = np.random.default_rng([self.seed, epoch, record, _DECODER_STREAM])
+        return prepare_example(ex, rng, self.opts, self.tokenizer, self.caption_choice, self.decoder, decoder_rng)
+
+
+def prepare_example(ex: dict[str, Any], rng: np.random.Generator, opts: transforms.ImageOptions,
+                    tokenizer: LazyTokenizer, caption_choice: str, decoder: Any = None,
+                    decoder_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """A source item's train fields (crop pixels, box, tokens; the decoder's targets when ``decoder``
+    is given), ``ok`` False when it must be skipped."""
+    captions = ex["captions"]
+    fields = decode_or_none(transforms.train_image, ex["image"], rng, opts) if captions else None
+    if fields is None:
+        return {"ok": np.False_}
+    k = int(rng.integers(len(captions))) if caption_choice == "random" else 0
+    fields["text"] = tokenizer.get()([captions[k]])[0].astype(np.int32)
+    if decoder is not None:
+        fields.update(decoder.build(fields["text"], ex.get("regions") or (), fields["crop_xyxy"], tokenizer.get(),
+                                    decoder_rng))
+    fields["ok"] = np.True_
+    return fields
 
 
 class _TrainTask:
@@ -279,6 +289,9 @@ class TrainIterator:
         that a process ahead had already read (it skipped bad examples) are read again.
         """
         fn, m = self._element_fn, len(states)
+        if getattr(fn, "streaming", False):
+            raise DataError(f"a webdataset stream saved by {m} processes cannot continue on another "
+                            "count; resume with the same process count, or use config.data.webdataset.mode=random")
         n = fn.num_records
 
         def global_slot(position: int, index: int) -> int:
@@ -297,6 +310,14 @@ class TrainIterator:
     def num_skipped(self) -> int:
         """Examples this process skipped (undecodable, no caption) up to the last batch yielded."""
         return int(self._top.get_state()["num_skipped"])
+
+    @property
+    def num_skipped_shards(self) -> int:
+        """Shards cut short or unreachable (webdataset): counted once each, in the log too."""
+        state = self._top.get_state()
+        if "skipped_shards" in state:
+            return int(state["skipped_shards"])
+        return int(getattr(getattr(self._element_fn, "source", None), "num_skipped_shards", 0))
 
     def save_args(self) -> grain.checkpoint.CheckpointSave:
         """Orbax args saving the stream state as the item "data" (one JSON file per process)."""
@@ -335,11 +356,13 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0")
     local_batch = global_batch_size // pc
+    opts = transforms.ImageOptions.from_config(data_cfg, image_size)
+    tokenizer = LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path)
+    if data_cfg.source == "webdataset" and data_cfg.webdataset.mode == "stream":
+        raise ValueError("data.webdataset.mode='stream' is read by clipjax.data.train_data.make_train_iterator")
     source = sources_lib.open_source(data_cfg, data_cfg.train_split)
     fn = _TrainElement(source, seed=seed, shuffle=data_cfg.shuffle, process_index=pi, process_count=pc,
-                       opts=transforms.ImageOptions.from_config(data_cfg, image_size),
-                       tokenizer=LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path),
-                       caption_choice=data_cfg.caption_choice, decoder=decoder)
+                       opts=opts, tokenizer=tokenizer, caption_choice=data_cfg.caption_choice, decoder=decoder)
     workers = int(data_cfg.num_workers)
     # Workers keep about `prefetch` batches ready between them.
     worker_buffer = max(2, -(-max(1, data_cfg.prefetch) * local_batch // (max(1, workers) * _ROWS_PER_TASK)))

@@ -16,7 +16,7 @@ import os
 import posixpath
 import sys
 import tarfile
-from typing import BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from etils import epath
 
@@ -24,7 +24,8 @@ from clipjax.data.convert.example import Item, ShardStats
 from clipjax.data.convert.options import ConvertError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_PATTERNS = tuple("*" + s for s in TAR_SUFFIXES)
 
 
 def is_unsafe_member(name: str) -> bool:
@@ -47,12 +48,12 @@ def _split_key(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext.lower()
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
     return "://" in path
 
 
 def _glob(pattern: str) -> list[str]:
-    if not _is_remote(pattern):
+    if not is_remote(pattern):
         return glob.glob(pattern)
     folder, name = pattern.rsplit("/", 1)  # bucket globs: wildcards in the last component only
     return [os.fspath(p) for p in epath.Path(folder).glob(name)]
@@ -96,7 +97,7 @@ def tar_tags(paths: Sequence[str]) -> list[str]:
     return [d[len(common):] + s for d, s in zip(dirs, stems)]
 
 
-def _captions(files: dict[str, bytes]) -> tuple[bytes | str, ...]:
+def captions_of(files: dict[str, bytes]) -> tuple[bytes | str, ...]:
     if "txt" in files:
         return (files["txt"],)
     if "json" in files:
@@ -111,7 +112,7 @@ def _captions(files: dict[str, bytes]) -> tuple[bytes | str, ...]:
 
 
 @contextlib.contextmanager
-def _decompressed(f: BinaryIO) -> Iterator[BinaryIO]:
+def decompressed(f: BinaryIO) -> Iterator[BinaryIO]:
     """gzip through ``gzip.GzipFile``, whose reads are bounded: tarfile's own stream decompresses a
     whole read block at once, megabytes of output for a block of a highly compressible member."""
     head = f.read(2)
@@ -123,27 +124,23 @@ def _decompressed(f: BinaryIO) -> Iterator[BinaryIO]:
         yield gz
 
 
-def tar_items(path: str, tag: str, max_bytes: int, stats: ShardStats) -> Iterator[Item]:
-    """Streams one tar: one ``Item`` per key. Unsafe members (absolute, ``..``, links, devices) are
-    skipped and counted; a member over ``max_bytes`` is never read and its example is skipped
-    (``too_large``); a key seen earlier in the tar is skipped (``duplicate_key``)."""
-    seen: set[str] = set()
+def _end_of(member: tarfile.TarInfo) -> int:
+    """Offset just past the member's data, where the next header starts (tar pads to 512 bytes)."""
+    return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
-    def item(key: str, files: dict[str, bytes], oversize: str) -> Item:
-        full = f"{tag}/{key}"
-        skip = None
-        if key in seen:
-            skip = ("duplicate_key", "key appears again later in the tar")
-        elif oversize:
-            skip = ("too_large", oversize)
-        seen.add(key)
-        image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-        return Item(key=full, captions=_captions(files), image=image, skip=skip, origin=f"{path}:{key}")
 
-    current, files, oversize = None, {}, ""
+def member_groups(stream: BinaryIO, path: str, stats: ShardStats, read: Callable[[tarfile.TarFile, tarfile.TarInfo], Any],
+                  base: int = 0) -> Iterator[tuple[str, dict[str, Any], int, int]]:
+    """The examples of a tar stream, grouped by key as webdataset groups them:
+    ``(key, {ext: read(tar, member)}, start, end)`` with ``[start, end)`` the group's bytes
+    (headers included) in the uncompressed tar, ``stream`` being positioned at ``base``.
+
+    Unsafe members (absolute, ``..``, links, devices) are skipped and counted. When the tar
+    is damaged, the group read so far is yielded before the error is raised again.
+    """
+    current, files, start, end = None, {}, 0, 0
     try:
-        with epath.Path(path).open("rb") as f, _decompressed(f) as stream, \
-                tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if member.isdir():
                     continue
@@ -153,17 +150,52 @@ def tar_items(path: str, tag: str, max_bytes: int, stats: ShardStats) -> Iterato
                 key, ext = _split_key(member.name)
                 if key != current or ext in files:  # a repeated member name starts a (duplicate) example
                     if current is not None:
-                        yield item(current, files, oversize)
-                    current, files, oversize = key, {}, ""
-                if member.size > max_bytes:
-                    oversize = oversize or f"{member.name}: {member.size} bytes > {max_bytes}"
-                    files[ext] = b""  # the stream skips the unread data
-                    continue
-                m = tar.extractfile(member)
-                files[ext] = m.read() if m is not None else b""
+                        yield current, files, start, end
+                    current, files, start = key, {}, base + member.offset
+                files[ext] = read(tar, member)
+                end = base + _end_of(member)
+    except (tarfile.TarError, OSError, EOFError):
+        if current is not None and files:
+            yield current, files, start, end
+        raise
+    if current is not None:
+        yield current, files, start, end
+
+
+class _TooLarge(str):
+    """A member's value when it is over ``max_bytes``: why, instead of its bytes."""
+
+
+def tar_items(path: str, tag: str, max_bytes: int, stats: ShardStats) -> Iterator[Item]:
+    """Streams one tar: one ``Item`` per key. Unsafe members (absolute, ``..``, links, devices) are
+    skipped and counted; a member over ``max_bytes`` is never read and its example is skipped
+    (``too_large``); a key seen earlier in the tar is skipped (``duplicate_key``)."""
+    seen: set[str] = set()
+
+    def read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+        if member.size > max_bytes:
+            return _TooLarge(f"{member.name}: {member.size} bytes > {max_bytes}")  # the stream skips the unread data
+        m = tar.extractfile(member)
+        return m.read() if m is not None else b""
+
+    def item(key: str, files: dict[str, bytes]) -> Item:
+        full = f"{tag}/{key}"
+        skip = None
+        oversize = next((v for v in files.values() if isinstance(v, _TooLarge)), "")
+        if key in seen:
+            skip = ("duplicate_key", "key appears again later in the tar")
+        elif oversize:
+            skip = ("too_large", str(oversize))
+        seen.add(key)
+        files = {ext: b"" if isinstance(v, _TooLarge) else v for ext, v in files.items()}
+        image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+        return Item(key=full, captions=captions_of(files), image=image, skip=skip, origin=f"{path}:{key}")
+
+    try:
+        with epath.Path(path).open("rb") as f, decompressed(f) as stream:
+            for key, files, _, _ in member_groups(stream, path, stats, read):
+                yield item(key, files)
     except (tarfile.TarError, OSError, EOFError) as e:
         # A truncated tar keeps what was read before the damage; the rest is unknowable.
         print(f"warning: {path}: tar stream ends early ({e}); kept the examples before it", file=sys.stderr)
         stats.skip(tag, path, "truncated_tar", str(e))
-    if current is not None:
-        yield item(current, files, oversize)

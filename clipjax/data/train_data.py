@@ -1,0 +1,39 @@
+"""The training stream a data config names: grain's random-access pipeline (``train_input``) or
+sequential webdataset streaming (``webdataset_stream``, which builds on it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipjax.data import train_input, transforms
+from clipjax.data.loading import LazyTokenizer
+from clipjax.data.locca import DecoderTargets
+
+
+def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
+                        mesh=None, process_index: int | None = None, process_count: int | None = None,
+                        decoder: DecoderTargets | None = None) -> train_input.TrainIterator:
+    """``train_input.make_train_iterator``'s stream, or for ``data.webdataset.mode='stream'`` the same
+    batches read shard by shard (``webdataset_stream``)."""
+    kwargs = dict(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
+                  seed=seed, mesh=mesh, process_index=process_index, process_count=process_count)
+    if not (data_cfg.source == "webdataset" and data_cfg.webdataset.mode == "stream"):
+        return train_input.make_train_iterator(data_cfg, decoder=decoder, **kwargs)
+    from clipjax.data import webdataset_stream
+    from clipjax.data.config import validate_data_config
+    from clipjax.data.loading import process_slot
+
+    if decoder is not None:
+        raise ValueError("data.webdataset.mode='stream' builds no LocCa decoder targets; use "
+                         "data.webdataset.mode='random' with model.decoder.enabled")
+    validate_data_config(data_cfg)
+    pi, pc = process_slot(process_index, process_count)
+    if global_batch_size % pc:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    batches = webdataset_stream.stream_batches(
+        data_cfg, seed=seed, process_index=pi, process_count=pc, local_batch=global_batch_size // pc,
+        opts=transforms.ImageOptions.from_config(data_cfg, image_size),
+        tokenizer=LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path))
+    return train_input.TrainIterator(batches, prefetch=int(data_cfg.prefetch), mesh=mesh)
