@@ -17,7 +17,6 @@ from clipjax import checkpoint as ckpt_lib
 from clipjax import config as config_lib
 from clipjax.data import cli as data_cli
 from clipjax.data import records
-from clipjax.data.listing import open_listing
 from clipjax.inference_cli import embed_main, predict_main
 from clipjax.models import build_model, dummy_inputs
 
