@@ -76,14 +76,18 @@ def _model_config() -> ml_collections.ConfigDict:
             "pool": "tok",  # tok (class token) | gap (global average) | map (attention pooling)
             "class_token": True,
             "ln_pre": True,  # OpenAI CLIP normalises tokens before the first block
+            "patch_bias": False,  # a bias in the patch embedding (SigLIP)
+            "proj": True,  # project the pooled width to embed_dim; False: embed_dim = width (SigLIP)
             "mask_ratio": 0.0,  # FLIP: fraction of patches dropped per example in training (0.5, 0.75); eval sees all
         },
         "text": {
             "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
             "vocab_size": ph(int),  # derived from data.tokenizer: 49408 clip, 259 bytes
             "context_length": 77,
-            "pool": "eot",  # eot (the end-of-text token) | last (last non-pad token)
+            "pool": "eot",  # eot (the end-of-text token) | last (last non-pad token) | final (position T-1, SigLIP)
             "causal": True,
+            "pad_mask": True,  # without causal: pad keys masked; False attends to pads as SigLIP does
+            "proj_bias": False,  # a bias in the text projection (SigLIP's head)
             "pad_id": 0,
             "eot_id": ph(int),  # derived from data.tokenizer: 49407 clip, 2 bytes
         },
@@ -305,6 +309,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
             t = m[tower]
             if t.width % t.heads:
                 raise ConfigError(f"model.{tower}.width={t.width} is not divisible by model.{tower}.heads={t.heads}")
+        if not m.image.proj and m.embed_dim != m.image.width:
+            raise ConfigError(f"model.image.proj=False needs model.embed_dim ({m.embed_dim}) equal to "
+                              f"model.image.width ({m.image.width}); set one to the other")
         if m.image.image_size % m.image.patch_size:
             raise ConfigError(f"model.image.image_size={m.image.image_size} is not divisible by "
                              f"model.image.patch_size={m.image.patch_size}")

@@ -1,0 +1,167 @@
+"""transformers CLIPModel / SiglipModel in and out: embeddings and logits equal transformers', strict
+loading of exports, bit-exact round trips, and negative controls that show the checks can fail.
+
+transformers' random init has zero biases and unit LayerNorm scales, which would hide a wrong mapping
+of those tensors: every bias, LayerNorm parameter, probe, logit scale and bias is perturbed first.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from openclip_ref import transformers
+
+from clipjax.interop import blocks
+from clipjax.interop import hf
+from clipjax.models import build_model
+
+tr = transformers()
+
+# Small sizes none of transformers' defaults use: head widths 16 and 8, MLP ratios 5/3 and 2.25,
+# 32 px images in 8 px patches, 12 tokens, a 1152-style text projection to the image width.
+SIGLIP = dict(
+    vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
+                       image_size=32, patch_size=8, layer_norm_eps=1e-5),
+    text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=12, projection_size=48, layer_norm_eps=1e-5,
+                     bos_token_id=None, eos_token_id=1, pad_token_id=1))
+CLIP = dict(
+    vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
+                       image_size=32, patch_size=8, hidden_act="gelu"),
+    text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=12, hidden_act="gelu", eos_token_id=299,
+                     bos_token_id=298, pad_token_id=0),
+    projection_dim=24)
+
+
+def _perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim <= 1 or name.endswith("probe"):  # biases, LayerNorms, class token, probe, scale, bias
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _reference(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "siglip":
+        model = tr.SiglipModel(tr.SiglipConfig(**SIGLIP))
+    else:
+        model = tr.CLIPModel(tr.CLIPConfig(**CLIP))
+    return _perturb(model, seed + 1)
+
+
+def _inputs(kind):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+    ids = rng.integers(5, 298, size=(4, 12)).astype(np.int64)
+    if kind == "clip":  # end token then padding, one row cut without an end token's padding
+        ids[0, 5:], ids[0, 4] = 0, 299
+        ids[1, 11] = 299
+        ids[2, 8:], ids[2, 7] = 0, 299
+    else:  # SigLIP pads (id 1) after the text and attends to them
+        ids[0, 6:] = 1
+    return images, ids
+
+
+def _hf_outputs(model, images, ids):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_image.numpy()
+
+
+def _sd(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _ours(m, params, images, ids):
+    zimg, ztxt, scale, bias = jax.jit(build_model(m).apply)({"params": params}, jnp.asarray(images), jnp.asarray(ids))
+    logits = scale * zimg @ ztxt.T + (0.0 if bias is None else bias)
+    return np.asarray(zimg), np.asarray(ztxt), np.asarray(logits)
+
+
+def _gap(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module", params=["siglip", "clip"])
+def case(request, tmp_path_factory):
+    kind = request.param
+    model = _reference(kind)
+    folder = tmp_path_factory.mktemp(kind)
+    model.save_pretrained(folder)
+    images, ids = _inputs(kind)
+    return kind, model, str(folder), images, ids
+
+
+def test_embeddings_and_logits_equal_transformers(case):
+    kind, model, folder, images, ids = case
+    m, params = hf.import_weights(folder)
+    assert (m.image.pool, m.text.pool, m.act) == (("map", "final", "gelu_tanh") if kind == "siglip"
+                                                  else ("tok", "eot", "gelu"))
+    want = _hf_outputs(model, images, ids)
+    got = _ours(m, params, images, ids)
+    assert _gap(got, want) < 1e-4
+    assert np.std(want[2]) > 0.05  # the logits are not flat, so the comparison can see a wrong weight
+
+
+def test_negative_controls_miss(case):
+    """Exact GELU for tanh weights, and a MAP head with query and key swapped, miss by more than 1e-4."""
+    kind, model, folder, images, ids = case
+    if kind != "siglip":
+        pytest.skip("the controls concern SigLIP's activation and MAP head")
+    m, params = hf.import_weights(folder)
+    want = _hf_outputs(model, images, ids)
+    exact = ml_collections.ConfigDict(m.to_dict())
+    exact.act = "gelu"
+    assert _gap(_ours(exact, params, images, ids), want) > 1e-4
+    swapped = jax.tree.map(lambda a: a, params)
+    attn = swapped["image"]["map_head"]["attn"]
+    attn["query_kernel"], attn["key_kernel"] = attn["key_kernel"], attn["query_kernel"]
+    attn["query_bias"], attn["key_bias"] = attn["key_bias"], attn["query_bias"]
+    assert _gap(_ours(m, swapped, images, ids)[:1], want[:1]) > 1e-4
+
+
+def test_export_loads_strict_and_round_trips(case, tmp_path):
+    kind, model, folder, images, ids = case
+    m, params = hf.import_weights(folder, scan=kind == "siglip")
+    out = tmp_path / "export"
+    hf.export_weights(params, m, str(out))
+    loaded, info = tr.AutoModel.from_pretrained(str(out), output_loading_info=True)
+    assert type(loaded).__name__ == hf.ARCHITECTURES[kind]
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    ref, got = _sd(model), _sd(loaded)
+    assert sorted(ref) == sorted(got)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    m2, params2 = hf.import_weights(str(out), scan=kind == "siglip")
+    assert m2.to_dict() == m.to_dict()
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_unknown_missing_wrong_shape_named_in_one_error(case, tmp_path):
+    kind, model, folder, _, _ = case
+    config, sd = hf.read_files(folder)
+    m = hf.model_config_from_hf(config, sd)
+    sd["vision_model.extra.weight"] = np.zeros(3, np.float32)
+    del sd["text_model.final_layer_norm.bias"]
+    sd["text_model.encoder.layers.1.mlp.fc1.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(blocks.WeightsError) as e:
+        hf.params_from_state_dict(sd, m)
+    msg = str(e.value)
+    assert "vision_model.extra.weight" in msg and "text_model.final_layer_norm.bias" in msg
+    assert "text_model.encoder.layers.1.mlp.fc1.bias (5,)" in msg and "\n" not in msg
+
+
+def test_export_refuses_what_transformers_cannot_express(case):
+    kind, _, folder, _, _ = case
+    m, _ = hf.import_weights(folder)
+    m.text.pad_mask = m.text.causal = True  # neither SigLIP's nor CLIP's text tower masks pads this way
+    m.text.causal = kind == "siglip"
+    with pytest.raises(blocks.WeightsError, match="model.text.causal"):
+        hf.hf_config(m)
