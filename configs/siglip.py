@@ -23,7 +23,7 @@ def get_config(arg=None):
     m.size = a.model
     # The SigLIP towers: biased patch embedding, no class token or pre-norm, MAP head, no image
     # projection; text attends to its pads, pooled at the final position, biased head; GELU tanh, eps 1e-6.
-    m.image.update(pool="map", class_token=False, ln_pre=False, patch_bias=True, proj=False)
+    m.image.update(pool="map", class_token=False, ln_pre=False, patch_bias=True, proj=False, norm="siglip")
     m.text.update(pool="final", causal=False, pad_mask=False, proj_bias=True)
     m.act = "gelu_tanh"
     m.ln_eps = 1e-6

@@ -93,7 +93,7 @@ def from_openclip(checkpoint: str, model: str | None, workdir: str, fmt: str = "
     checkpointer.save(0, {"params": jax.tree.map(jax.numpy.asarray, params)})
     checkpointer.close()
     flags = " ".join(overrides(config))
-    name = openclip.openclip_name(model_config)
+    name = openclip.openclip_name(model_config) if fmt == "openclip" else None
     return (f"wrote {ckpt_lib.checkpoint_dir(workdir)}/0: {name or 'custom model'}, "
             f"{count_params(params):,} parameters\n"
             f"config overrides: {flags}\n"

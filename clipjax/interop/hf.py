@@ -72,7 +72,6 @@ TABLES = {
     ),
 }
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 # --------------------------------------------------------------------------- files
@@ -169,7 +168,7 @@ def model_config_from_hf(config: Mapping[str, Any], sd: Mapping[str, np.ndarray]
     m.image.update(width=int(conv.shape[0]), depth=depth["image"], heads=int(v["num_attention_heads"]),
                    mlp_dim=int(sd[_LAYERS["image"] + "0.mlp.fc1.weight"].shape[0]), patch_size=patch,
                    image_size=grid * patch, pool="map" if siglip else "tok", class_token=not siglip,
-                   ln_pre=not siglip, patch_bias=siglip, proj=not siglip)
+                   ln_pre=not siglip, patch_bias=siglip, proj=not siglip, norm="siglip" if siglip else "openai")
     m.text.update(width=int(text_width), depth=depth["text"], heads=int(t["num_attention_heads"]),
                   mlp_dim=int(sd[_LAYERS["text"] + "0.mlp.fc1.weight"].shape[0]), vocab_size=int(vocab),
                   context_length=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
@@ -336,8 +335,7 @@ def preprocessor_config(m: ml_collections.ConfigDict, kind: str) -> dict[str, An
     from clipjax.data import resize
 
     size = int(m.image.image_size)
-    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if m.image.get("norm", "openai") == "siglip" else (
-        resize.OPENAI_MEAN, resize.OPENAI_STD)
+    mean, std = resize.NORMS[m.image.get("norm", "openai")]
     return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor" if kind == "clip"
             else "SiglipProcessor", "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
             "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
