@@ -289,3 +289,27 @@ def test_siglip_demo_run_exports_and_transformers_predicts_the_same(data_dir, tm
     ours_pred, hf_pred = np.argmax(ours_img @ ours_cls.T, -1), np.argmax(hf_img @ hf_cls.T, -1)
     np.testing.assert_array_equal(ours_pred, hf_pred)
     assert len(set(ours_pred.tolist())) > 1  # not a constant prediction
+
+
+def test_preprocessor_config_equals_clipjax_eval_transform(case, tmp_path):
+    """AutoImageProcessor of an export gives clipjax's eval pixels (eval_crop=openclip, as clipjax-convert
+    sets) to 1e-2, or one uint8 level where that is more."""
+    from test_interop import _photos
+
+    from clipjax.data import resize, transforms
+
+    kind, _, folder, _, _ = case
+    m, params = hf.import_weights(folder)
+    hf.export_weights(params, m, str(tmp_path / "out"))
+    processor = tr.AutoImageProcessor.from_pretrained(str(tmp_path / "out"))
+    size = m.image.image_size
+    opts = transforms.ImageOptions(size, eval_crop="openclip")
+    for name, (encoded, pil) in _photos().items():
+        batch = transforms.batch_regions([transforms.eval_image(encoded, opts)], opts.buffer_size)
+        mine = np.asarray(resize.model_images({k: jnp.asarray(v) for k, v in batch.items()}, size,
+                                              norm=m.image.norm))[0]
+        ref = processor(images=pil, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        # transformers rounds the resized image to uint8: one level is 1/255/std (0.0078 for SigLIP's
+        # statistics, 0.0146 for OpenAI's), and clipjax's float pixels are within it.
+        level = 1 / 255 / min(resize.NORMS[m.image.norm][1])
+        assert np.abs(mine - ref).max() < max(1e-2, level * 1.01), (name, np.abs(mine - ref).max())
