@@ -20,7 +20,7 @@ from ml_collections import config_dict
 
 from clipjax import losses, optim, sharding
 from clipjax.data.config import data_config, validate_data_config
-from clipjax.data.tokenizer import TOKENIZERS
+from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.data.transforms import ImageOptions
 from clipjax.errors import ConfigError, closest, did_you_mean, one_line
 from clipjax.evals.config import evals_config, validate_evals_config
@@ -77,14 +77,19 @@ def _model_config() -> ml_collections.ConfigDict:
             "pool": "tok",  # tok (class token) | gap (global average) | map (attention pooling)
             "class_token": True,
             "ln_pre": True,  # OpenAI CLIP normalises tokens before the first block
+            "patch_bias": False,  # a bias in the patch embedding (SigLIP)
+            "proj": True,  # project the pooled width to embed_dim; False: embed_dim = width (SigLIP)
+            "norm": "openai",  # pixel statistics the tower expects: openai (CLIP's mean/std) | siglip (to [-1, 1])
             "mask_ratio": 0.0,  # FLIP: fraction of patches dropped per example in training (0.5, 0.75); eval sees all
         },
         "text": {
             "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
             "vocab_size": ph(int),  # derived from data.tokenizer: 49408 clip, 259 bytes
             "context_length": 77,
-            "pool": "eot",  # eot (the end-of-text token) | last (last non-pad token)
+            "pool": "eot",  # eot (the end-of-text token) | last (last non-pad token) | final (position T-1, SigLIP)
             "causal": True,
+            "pad_mask": True,  # without causal: pad keys masked; False attends to pads as SigLIP does
+            "proj_bias": False,  # a bias in the text projection (SigLIP's head)
             "pad_id": 0,
             "eot_id": ph(int),  # derived from data.tokenizer: 49407 clip, 2 bytes
         },
@@ -350,10 +355,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
             t = m[tower]
             if t.width % t.heads:
                 raise ConfigError(f"model.{tower}.width={t.width} is not divisible by model.{tower}.heads={t.heads}")
+        if not m.image.proj and m.embed_dim != m.image.width:
+            raise ConfigError(f"model.image.proj=False needs model.embed_dim ({m.embed_dim}) equal to "
+                              f"model.image.width ({m.image.width}); set one to the other")
         if m.image.image_size % m.image.patch_size:
             raise ConfigError(f"model.image.image_size={m.image.image_size} is not divisible by "
                              f"model.image.patch_size={m.image.patch_size}")
         _check_choice(m.image.pool, IMAGE_POOLS, "model.image.pool")
+        _check_choice(m.image.norm, ("openai", "siglip"), "model.image.norm")
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")
         _check_choice(m.act, list(ACTIVATIONS), "model.act")
         _check_choice(m.remat, list(REMAT_POLICIES), "model.remat")
@@ -364,15 +373,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
         _check_choice(m.dtype, list(DTYPES), "model.dtype")
         _as_config_error(validate_data_config, c.data)
         c.data.buffer_size = ImageOptions.from_config(c.data, m.image.image_size).buffer_size
-        tokenizer = TOKENIZERS[c.data.tokenizer]
+        vocab_size, eot_id = tokenizer_lib.describe(c.data.tokenizer)
         if m.text.eot_id is None:
-            m.text.eot_id = tokenizer.eot_id
+            m.text.eot_id = eot_id
         if m.text.vocab_size is None:
-            m.text.vocab_size = tokenizer.vocab_size
-        elif m.text.vocab_size < tokenizer.vocab_size:
+            m.text.vocab_size = vocab_size
+        elif m.text.vocab_size < vocab_size:
             raise ConfigError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
-                              f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer.vocab_size})")
-        _validate_decoder(c, tokenizer.vocab_size)
+                              f"{c.data.tokenizer!r} tokenizer's vocabulary ({vocab_size})")
+        _validate_decoder(c, vocab_size)
         _check_choice(c.loss.kind, losses.KINDS, "loss.kind")
         _check_choice(c.loss.impl, losses.IMPLS, "loss.impl")
         sigmoid = c.loss.kind == "sigmoid"

@@ -6,6 +6,7 @@ import pathlib
 import tarfile
 
 import grain
+import matplotlib.cbook
 import jax
 import numpy as np
 from fsspec.implementations.memory import MemoryFileSystem
@@ -248,3 +249,19 @@ def assert_same(xs: list[dict], ys: list[dict]) -> None:
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
+
+
+def photo_framings():
+    """A real photograph (shipped with matplotlib) in framings that exercise every rounding path."""
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    with open(path, "rb") as f:
+        jpeg = f.read()
+    photo = Image.open(io.BytesIO(jpeg)).convert("RGB")  # 512 x 600: larger than the eval buffer's region
+    framings = {"landscape": photo.crop((0, 100, 512, 403)), "odd": photo.crop((3, 7, 400, 318)),
+                "small": photo.resize((150, 181), Image.BICUBIC), "square": photo.crop((40, 40, 300, 300))}
+    out = {"jpeg": (jpeg, photo)}
+    for name, im in framings.items():
+        buf = io.BytesIO()
+        im.save(buf, "PNG")  # lossless: both sides decode the same pixels
+        out[name] = (buf.getvalue(), im)
+    return out

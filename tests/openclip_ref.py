@@ -17,3 +17,11 @@ def open_clip():
     import open_clip as module
 
     return module
+
+
+def transformers():
+    """The ``transformers`` module, importable beside the CPU-only torch wheel (see ``open_clip``)."""
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import transformers as module
+
+    return module

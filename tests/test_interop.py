@@ -5,19 +5,16 @@ wrong mapping of those tensors: every bias, LayerNorm parameter and logit_scale 
 perturbed first.
 """
 
-import io
 import json
 import os
 from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
-import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
 from openclip_ref import open_clip
-from PIL import Image
 
 from clipjax import checkpoint as ckpt_lib
 from clipjax import sharding
@@ -28,6 +25,7 @@ from clipjax.evals import zeroshot
 from clipjax.interop import cli
 from clipjax.interop import openclip as interop
 from clipjax.models import CLIP, build_model
+from helpers import photo_framings
 from clipjax.train_step import make_setup
 
 # Empty, unicode, and longer than the context (truncated, last token forced to end-of-text).
@@ -271,26 +269,10 @@ def test_convert_cli_and_init_from_a_weights_file(oc, tiny, tmp_path, capsys, de
 # ---------------------------------------------------------------- preprocessing and zero-shot parity
 
 
-def _photos():
-    """A real photograph (shipped with matplotlib) in framings that exercise every rounding path."""
-    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    with open(path, "rb") as f:
-        jpeg = f.read()
-    photo = Image.open(io.BytesIO(jpeg)).convert("RGB")  # 512 x 600: larger than the eval buffer's region
-    framings = {"landscape": photo.crop((0, 100, 512, 403)), "odd": photo.crop((3, 7, 400, 318)),
-                "small": photo.resize((150, 181), Image.BICUBIC), "square": photo.crop((40, 40, 300, 300))}
-    out = {"jpeg": (jpeg, photo)}
-    for name, im in framings.items():
-        buf = io.BytesIO()
-        im.save(buf, "PNG")  # lossless: both sides decode the same pixels
-        out[name] = (buf.getvalue(), im)
-    return out
-
-
 def test_openclip_eval_crop_equals_openclip_preprocess(oc):
     preprocess = oc.image_transform(224, is_train=False)
     opts = transforms.ImageOptions(224, eval_crop="openclip")
-    for name, (encoded, pil) in _photos().items():
+    for name, (encoded, pil) in photo_framings().items():
         batch = transforms.batch_regions([transforms.eval_image(encoded, opts)], opts.buffer_size)
         mine = np.asarray(resize.model_images({k: jnp.asarray(v) for k, v in batch.items()}, 224))[0]
         ref = preprocess(pil).numpy().transpose(1, 2, 0)

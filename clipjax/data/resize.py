@@ -99,11 +99,16 @@ def crop_resize(image_BPP3: jax.Array, box_B4: jax.Array, hw_B2: jax.Array, size
     return jnp.where(finite_B111, out_BSS3, jnp.nan)
 
 
-def normalise(pixels: jax.Array) -> jax.Array:
-    """(x / 255 - mean) / std with the OpenAI CLIP statistics, channels last."""
+# model.image.norm: the pixel statistics a tower was trained with (SigLIP's map [0, 255] to [-1, 1]).
+NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "openai": (OPENAI_MEAN, OPENAI_STD), "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def normalise(pixels: jax.Array, norm: str = "openai") -> jax.Array:
+    """(x / 255 - mean) / std with the statistics ``NORMS[norm]``, channels last."""
     shape = (1,) * (pixels.ndim - 1) + (3,)
-    mean = jnp.asarray(OPENAI_MEAN, jnp.float32).reshape(shape)
-    std = jnp.asarray(OPENAI_STD, jnp.float32).reshape(shape)
+    mean = jnp.asarray(NORMS[norm][0], jnp.float32).reshape(shape)
+    std = jnp.asarray(NORMS[norm][1], jnp.float32).reshape(shape)
     return (pixels / 255.0 - mean) / std
 
 
@@ -112,8 +117,9 @@ def image_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return {key: batch[key] for key in IMAGE_KEYS}
 
 
-def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic") -> jax.Array:
+def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic",
+                 norm: str = "openai") -> jax.Array:
     """The model's float32 ``[B, size, size, 3]`` input from a batch's ``IMAGE_KEYS`` fields."""
     pixels = crop_resize(batch["image"], batch["image_box"], batch["image_hw"], size, interpolation)
-    return normalise(pixels)
+    return normalise(pixels, norm)
 

@@ -32,7 +32,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from clipjax.errors import UserError
+from clipjax.interop import blocks
+from clipjax.interop.blocks import WeightsError
 
 log = logging.getLogger("clipjax")
 
@@ -55,10 +56,6 @@ _UNSUPPORTED = (
     (".ls_1.", "layer scale (ls_init_value)"),
     ("text_projection.weight", "a text projection with a bias or an MLP (text_cfg.proj_type/proj_bias)"),
 )
-
-
-class WeightsError(UserError, ValueError):
-    """A weights file, state_dict or model config that cannot be converted (the message says why)."""
 
 
 # --------------------------------------------------------------------------- files
@@ -384,67 +381,11 @@ def expected_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
 
 
 def _check_keys(sd: Mapping[str, np.ndarray], m: ml_collections.ConfigDict) -> None:
-    want = expected_shapes(m)
-    missing = sorted(set(want) - set(sd))
-    unknown = sorted(set(sd) - set(want))
-    # logit_scale may be stored as [] or [1].
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in sorted(set(want) & set(sd))
-             if tuple(sd[k].shape) != want[k] and not (want[k] == () and sd[k].size == 1)]
-    problems = []
-    for label, keys in (("missing", missing), ("unknown", unknown), ("wrong shape", wrong)):
-        if keys:
-            problems.append(f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
-    if problems:
-        raise WeightsError("state_dict does not match an OpenCLIP ViT CLIP model: " + "; ".join(problems))
+    blocks.check_keys(sd, expected_shapes(m), "state_dict does not match an OpenCLIP ViT CLIP model", WeightsError)
 
 
-def _block_in(sd: Mapping[str, np.ndarray], pre: str, heads: int) -> dict[str, np.ndarray]:
-    """One OpenCLIP residual block -> clipjax Block params (flat, '/'-joined)."""
-    w_in, b_in = sd[pre + "attn.in_proj_weight"], sd[pre + "attn.in_proj_bias"]
-    d = w_in.shape[1]
-    h = d // heads
-    out = {}
-    for n, name in enumerate(("query", "key", "value")):
-        # torch computes x @ W.T with W [out, in]; clipjax's kernel is [in, heads, head_dim].
-        out[f"attn/{name}_kernel"] = w_in[n * d:(n + 1) * d].T.reshape(d, heads, h)
-        out[f"attn/{name}_bias"] = b_in[n * d:(n + 1) * d].reshape(heads, h)
-    out["attn/out_kernel"] = sd[pre + "attn.out_proj.weight"].T.reshape(heads, h, d)
-    out["attn/out_bias"] = sd[pre + "attn.out_proj.bias"]
-    out["ln_attn/scale"], out["ln_attn/bias"] = sd[pre + "ln_1.weight"], sd[pre + "ln_1.bias"]
-    out["ln_mlp/scale"], out["ln_mlp/bias"] = sd[pre + "ln_2.weight"], sd[pre + "ln_2.bias"]
-    out["mlp/fc_kernel"], out["mlp/fc_bias"] = sd[pre + "mlp.c_fc.weight"].T, sd[pre + "mlp.c_fc.bias"]
-    out["mlp/proj_kernel"], out["mlp/proj_bias"] = sd[pre + "mlp.c_proj.weight"].T, sd[pre + "mlp.c_proj.bias"]
-    return out
-
-
-def _block_out(block: Mapping[str, np.ndarray], pre: str) -> dict[str, np.ndarray]:
-    """Inverse of ``_block_in``."""
-    d = block["attn/query_kernel"].shape[0]
-    return {
-        pre + "ln_1.weight": block["ln_attn/scale"], pre + "ln_1.bias": block["ln_attn/bias"],
-        pre + "attn.in_proj_weight": np.concatenate(
-            [block[f"attn/{n}_kernel"].reshape(d, d).T for n in ("query", "key", "value")]),
-        pre + "attn.in_proj_bias": np.concatenate([block[f"attn/{n}_bias"].reshape(d) for n in ("query", "key", "value")]),
-        pre + "attn.out_proj.weight": block["attn/out_kernel"].reshape(d, d).T,
-        pre + "attn.out_proj.bias": block["attn/out_bias"],
-        pre + "ln_2.weight": block["ln_mlp/scale"], pre + "ln_2.bias": block["ln_mlp/bias"],
-        pre + "mlp.c_fc.weight": block["mlp/fc_kernel"].T, pre + "mlp.c_fc.bias": block["mlp/fc_bias"],
-        pre + "mlp.c_proj.weight": block["mlp/proj_kernel"].T, pre + "mlp.c_proj.bias": block["mlp/proj_bias"],
-    }
-
-
-def _blocks_to_tree(blocks: list[dict[str, np.ndarray]], scan: bool) -> dict[str, np.ndarray]:
-    if scan:  # nn.scan stacks the blocks' params along a leading layer axis
-        return {f"blocks/{k}": np.stack([b[k] for b in blocks]) for k in blocks[0]}
-    return {f"block_{n}/{k}": v for n, b in enumerate(blocks) for k, v in b.items()}
-
-
-def _tree_to_blocks(flat: Mapping[str, np.ndarray], prefix: str, depth: int, scan: bool) -> list[dict[str, np.ndarray]]:
-    if scan:
-        stacked = {k[len(prefix + "blocks/"):]: v for k, v in flat.items() if k.startswith(prefix + "blocks/")}
-        return [{k: v[n] for k, v in stacked.items()} for n in range(depth)]
-    return [{k[len(f"{prefix}block_{n}/"):]: v for k, v in flat.items() if k.startswith(f"{prefix}block_{n}/")}
-            for n in range(depth)]
+# OpenCLIP's residual attention block (torch nn.MultiheadAttention: fused q/k/v).
+_BLOCK = blocks.TorchBlock(ln_attn="ln_1", attn="attn.", fused=True, ln_mlp="ln_2", fc="mlp.c_fc", proj="mlp.c_proj")
 
 
 def params_from_state_dict(sd: Mapping[str, np.ndarray], m: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -469,8 +410,8 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], m: ml_collections.Confi
     if m.init_logit_bias is not None:
         flat["logit_bias"] = sd["logit_bias"].reshape(())
     for tower, prefix, tm in (("image", "visual.transformer.resblocks.", i), ("text", "transformer.resblocks.", t)):
-        blocks = [_block_in(sd, f"{prefix}{n}.", tm.heads) for n in range(tm.depth)]
-        flat.update({f"{tower}/transformer/{k}": v for k, v in _blocks_to_tree(blocks, m.scan).items()})
+        layers = [blocks.block_from_torch(sd, f"{prefix}{n}.", _BLOCK, tm.heads) for n in range(tm.depth)]
+        flat.update(blocks.prefixed(f"{tower}/transformer/", blocks.stack(layers, m.scan)))
     flat = {k: np.asarray(v, dtype=np.float32, order="C") for k, v in flat.items()}
     return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -500,8 +441,8 @@ def state_dict_from_params(params: Any, m: ml_collections.ConfigDict) -> dict[st
     if "logit_bias" in flat:
         sd["logit_bias"] = flat["logit_bias"].reshape(())
     for tower, prefix, tm in (("image", "visual.transformer.resblocks.", i), ("text", "transformer.resblocks.", t)):
-        for n, block in enumerate(_tree_to_blocks(flat, f"{tower}/transformer/", tm.depth, m.scan)):
-            sd.update(_block_out(block, f"{prefix}{n}."))
+        for n, block in enumerate(blocks.unstack(blocks.sub(flat, f"{tower}/transformer/"), tm.depth, m.scan)):
+            sd.update(blocks.block_to_torch(block, f"{prefix}{n}.", _BLOCK))
     sd = {k: np.asarray(v, order="C") for k, v in sd.items()}  # ascontiguousarray would make 0-d arrays 1-d
     _check_keys(sd, m)
     return sd
@@ -519,6 +460,11 @@ def check_exportable(m: ml_collections.ConfigDict) -> None:
         bad.append("model.image.class_token=False (OpenCLIP's ViT always has one)")
     if not m.text.causal:
         bad.append("model.text.causal=False (OpenCLIP masks no padding without its causal mask)")
+    if m.image.get("patch_bias") or not m.image.get("proj", True) or m.text.get("proj_bias"):
+        bad.append("a SigLIP tower (patch bias, no image projection or a text projection bias): "
+                   "export it with clipjax.interop.hf or bigvision")
+    if m.text.pool == "final":
+        bad.append("model.text.pool='final'")
     if m.act not in ("gelu", "quick_gelu", "gelu_tanh"):
         bad.append(f"model.act={m.act!r}")
     if abs(m.ln_eps - 1e-5) > 1e-12:
@@ -620,39 +566,3 @@ def export_weights(params: Any, model_config: ml_collections.ConfigDict, path: s
     """
     write_state_dict(state_dict_from_params(params, model_config), path)
     return openclip_model_config(model_config)
-
-
-def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | None = None) -> Any:
-    """A weights file's params on ``abstract_params``'s structure and shardings (``checkpoint.init_from``).
-
-    Head counts and the stacked/unrolled block layout come from ``abstract_params``; a
-    logit bias the file lacks starts at ``init_logit_bias`` (0 when None), one the model
-    lacks is dropped.
-    """
-    import jax
-    from flax import traverse_util
-
-    want = traverse_util.flatten_dict(abstract_params, sep="/")
-    scan = any("/blocks/" in k for k in want)
-    heads = {}
-    for tower in ("image", "text"):
-        key = next(k for k in want if k.startswith(f"{tower}/transformer/") and k.endswith("attn/query_kernel"))
-        heads[tower] = want[key].shape[-2]
-    _, params = import_weights(path, Arch(image_heads=heads["image"], text_heads=heads["text"]), scan=scan)
-    got = traverse_util.flatten_dict(params, sep="/")
-    if "logit_bias" in want and "logit_bias" not in got:
-        got["logit_bias"] = np.asarray(init_logit_bias or 0.0, np.float32)
-        log.info("%s has no logit_bias; it starts at %s", path, float(got["logit_bias"]))
-    if "logit_bias" in got and "logit_bias" not in want:
-        del got["logit_bias"]
-        log.info("%s has a logit_bias; this model has none, so it is dropped", path)
-    wrong = [f"{k}: file {got[k].shape} vs model {tuple(want[k].shape)}" for k in want
-             if k in got and got[k].shape != tuple(want[k].shape)]
-    missing = sorted(set(want) - set(got))
-    if wrong or missing:
-        hint = ""
-        if any(k.startswith("image/pos_embedding") for k in wrong):
-            hint = " (model.image.image_size / patch_size must match the file's)"
-        raise WeightsError("weights do not fit this model: " + "; ".join(wrong + missing)[:600] + hint)
-    return jax.tree.map(lambda a, k: jax.make_array_from_callback(a.shape, a.sharding, lambda idx: got[k][idx]),
-                        abstract_params, traverse_util.unflatten_dict({k: k for k in want}, sep="/"))

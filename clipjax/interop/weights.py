@@ -25,6 +25,8 @@ _OPENCLIP_FILES = (".safetensors", ".bin", ".pt", ".pth")
 # (accepts(path), module with import_weights(path[, model])): first match wins.
 IMPORTERS: tuple[tuple[Callable[[str], bool], str], ...] = (
     (lambda path: os.path.isfile(path) and path.endswith(_OPENCLIP_FILES), "clipjax.interop.openclip"),
+    (lambda path: os.path.isfile(os.path.join(path, "config.json")), "clipjax.interop.hf"),  # save_pretrained
+    (lambda path: os.path.isfile(path) and path.endswith(".npz"), "clipjax.interop.bigvision"),
 )
 
 
@@ -37,14 +39,23 @@ class Saved:
     step: int | None
 
 
-def run_config(model_config) -> ml_collections.ConfigDict:
-    """A validated ``base_config()`` running ``model_config``: CLIP's tokenizer for CLIP's vocabulary,
-    the sigmoid loss when the model has a logit bias, OpenCLIP's eval crop."""
+def weights_tokenizer(path: str, model_config) -> str:
+    """The ``data.tokenizer`` spec for weights at ``path``: the tokenizer files a transformers folder
+    holds, else CLIP's for CLIP's vocabulary, else bytes."""
+    for name, kind in (("tokenizer.json", "hf"), ("spiece.model", "sentencepiece")):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
+            return f"{kind}:{os.path.join(path, name)}"
+    return "clip" if model_config.text.vocab_size == 49408 else "bytes"
+
+
+def run_config(model_config, tokenizer: str | None = None) -> ml_collections.ConfigDict:
+    """A validated ``base_config()`` running ``model_config``: ``tokenizer`` (default CLIP's for CLIP's
+    vocabulary), the sigmoid loss when the model has a logit bias, OpenCLIP's eval crop."""
     from clipjax import config as config_lib
 
     c = config_lib.base_config()
     c.model = model_config
-    c.data.tokenizer = "clip" if model_config.text.vocab_size == 49408 else "bytes"
+    c.data.tokenizer = tokenizer or ("clip" if model_config.text.vocab_size == 49408 else "bytes")
     c.loss.kind = "sigmoid" if model_config.init_logit_bias is not None else "softmax"
     if "eval_crop" in c.data:
         c.data.eval_crop = "openclip"
@@ -69,7 +80,7 @@ def load_saved(path: str, step: int | None = None, model: Any = None) -> Saved:
         if accepts(path):
             module = importlib.import_module(module_name)
             model_config, params = module.import_weights(path) if model is None else module.import_weights(path, model)
-            return Saved(run_config(model_config), params, None)
+            return Saved(run_config(model_config, weights_tokenizer(path, model_config)), params, None)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder (expected a clipjax run folder or a weights file)")
     raise UserError(f"{path}: neither a clipjax run folder (no checkpoints/ inside) nor a weights file clipjax "

@@ -38,11 +38,13 @@ def build_model(m) -> CLIP:
     image = ImageTower(
         width=m.image.width, depth=m.image.depth, num_heads=m.image.heads, mlp_dim=m.image.mlp_dim,
         patch_size=m.image.patch_size, image_size=m.image.image_size, embed_dim=m.embed_dim,
-        pool=m.image.pool, class_token=m.image.class_token, ln_pre=m.image.ln_pre, **common)
+        pool=m.image.pool, class_token=m.image.class_token, ln_pre=m.image.ln_pre, patch_bias=m.image.patch_bias,
+        proj=m.image.proj, **common)
     text = TextTower(
         width=m.text.width, depth=m.text.depth, num_heads=m.text.heads, mlp_dim=m.text.mlp_dim,
         vocab_size=m.text.vocab_size, context_length=m.text.context_length, embed_dim=m.embed_dim,
-        pool=m.text.pool, causal=m.text.causal, pad_id=m.text.pad_id, eot_id=m.text.get("eot_id"), **common)
+        pool=m.text.pool, causal=m.text.causal, pad_id=m.text.pad_id, eot_id=m.text.get("eot_id"),
+        pad_mask=m.text.pad_mask, proj_bias=m.text.proj_bias, **common)
     return CLIP(image=image, text=text, init_logit_scale=m.init_logit_scale, init_logit_bias=m.init_logit_bias,
                 decoder=build_decoder(m))
 

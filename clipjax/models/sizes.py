@@ -30,6 +30,29 @@ SIZES: dict[str, dict[str, Any]] = {
     "H/14": _row(1024, 1280, 32, 16, 5120, 14, 1024, 24, 16, 4096),
     # g/14: head width 88 and mlp_ratio 4.3637 -> int(1408 * 4.3637) = 6144.
     "g/14": _row(1024, 1408, 40, 16, 6144, 14, 1024, 24, 16, 4096),
+    # SigLIP / SigLIP 2 (transformers' SiglipModel, big_vision's two_towers): the image tower has no
+    # projection, so embed_dim is its width; g-opt's 1152-wide text tower projects to 1536.
+    "siglip-B/16": _row(768, 768, 12, 12, 3072, 16, 768, 12, 12, 3072),
+    "siglip-L/16": _row(1024, 1024, 24, 16, 4096, 16, 1024, 24, 16, 4096),
+    "siglip-So400m/14": _row(1152, 1152, 27, 16, 4304, 14, 1152, 27, 16, 4304),
+    "siglip-So400m/16": _row(1152, 1152, 27, 16, 4304, 16, 1152, 27, 16, 4304),
+    "siglip2-g-opt/16": _row(1536, 1536, 40, 16, 6144, 16, 1152, 27, 16, 4304),
+}
+
+# Released checkpoints of the SigLIP rows: (family, image_size, context_length, vocab_size).
+# Vocabularies: 32000 English SentencePiece, 250000 multilingual ("i18n"), 256000 Gemma (SigLIP 2).
+RELEASES: dict[str, tuple[tuple[str, int, int, int], ...]] = {
+    "siglip-B/16": (("siglip", 224, 64, 32000), ("siglip", 256, 64, 32000), ("siglip", 384, 64, 32000),
+                    ("siglip", 512, 64, 32000), ("siglip-i18n", 256, 64, 250000),
+                    ("siglip2", 224, 64, 256000), ("siglip2", 256, 64, 256000), ("siglip2", 384, 64, 256000),
+                    ("siglip2", 512, 64, 256000)),
+    "siglip-L/16": (("siglip", 256, 64, 32000), ("siglip", 384, 64, 32000),
+                    ("siglip2", 256, 64, 256000), ("siglip2", 384, 64, 256000), ("siglip2", 512, 64, 256000)),
+    "siglip-So400m/14": (("siglip", 224, 16, 32000), ("siglip", 384, 64, 32000),
+                         ("siglip2", 224, 64, 256000), ("siglip2", 384, 64, 256000)),
+    "siglip-So400m/16": (("siglip-i18n", 256, 64, 250000), ("siglip2", 256, 64, 256000),
+                         ("siglip2", 384, 64, 256000), ("siglip2", 512, 64, 256000)),
+    "siglip2-g-opt/16": (("siglip2", 256, 64, 256000), ("siglip2", 384, 64, 256000)),
 }
 
 

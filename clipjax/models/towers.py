@@ -19,7 +19,8 @@ from clipjax.models.posemb import resample_image_pos
 Dtype = Any
 
 IMAGE_POOLS = ("tok", "gap", "map")
-TEXT_POOLS = ("eot", "last")
+# "final": the sequence's final position, pad or not (SigLIP's and big_vision's "last").
+TEXT_POOLS = ("eot", "last", "final")
 
 
 class MapHead(nn.Module):
@@ -44,7 +45,11 @@ class MapHead(nn.Module):
 
 
 class ImageTower(nn.Module):
-    """ViT: patchify, [class token], learned positions, pre-norm blocks, final norm, pool, project."""
+    """ViT: patchify, [class token], learned positions, pre-norm blocks, final norm, pool, [project].
+
+    SigLIP's tower: ``patch_bias=True, class_token=False, ln_pre=False, pool="map",
+    proj=False`` (the pooled width is the embedding).
+    """
 
     width: int
     depth: int
@@ -56,6 +61,8 @@ class ImageTower(nn.Module):
     pool: str = "tok"
     class_token: bool = True
     ln_pre: bool = True
+    patch_bias: bool = False
+    proj: bool = True
     act: str = "gelu"
     ln_eps: float = 1e-5
     remat: str = "none"
@@ -84,9 +91,11 @@ class ImageTower(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
         patches_BPK = einops.rearrange(images_BHWC.astype(self.dtype), "b (gh ph) (gw pw) c -> b (gh gw) (ph pw c)",
                                        ph=p, pw=p)  # row-major patches, each flattened row by row
-        # Patch embedding without bias, as in OpenAI CLIP (bias is redundant before ln_pre).
+        # OpenAI CLIP's patch embedding has no bias (redundant before ln_pre); SigLIP's has one.
         w_patch = param_with_axes(self, "patch_kernel", nn.initializers.normal(d**-0.5), (p * p * c, d), ("patch", "embed"))
         x_BPD = jnp.einsum("bpk,kd->bpd", patches_BPK, w_patch.astype(self.dtype))
+        if self.patch_bias:
+            x_BPD = x_BPD + param_with_axes(self, "patch_bias", nn.initializers.zeros, (d,), ("norm",)).astype(self.dtype)[None, None]
         if self.class_token:
             cls = param_with_axes(self, "class_token", nn.initializers.normal(d**-0.5), (d,), ("embed",))
             x_BPD = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x_BPD], axis=1)
@@ -113,6 +122,8 @@ class ImageTower(nn.Module):
             x_BD = jnp.mean(x_BPD[:, 1:] if self.class_token else x_BPD, axis=1)
         else:
             x_BD = MapHead(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype, name="map_head")(x_BPD)
+        if not self.proj:
+            return (x_BD, tokens_BPD) if tokens else x_BD
         w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
         z_BE = jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
         return (z_BE, tokens_BPD) if tokens else z_BE
@@ -123,10 +134,10 @@ class TextTower(nn.Module):
 
     `pool="eot"` takes the first ``eot_id`` token (or, with ``eot_id=None``, the
     token at argmax(ids): OpenAI CLIP's end token has the largest id); `pool="last"`
-    takes the last non-pad token, which is also the fallback for a text without
-    an end token.
+    takes the last non-pad token; `pool="final"` takes position T-1 whatever it holds.
     Causal attention (or, without it, a key-padding mask) means pad tokens after
-    the pooled position never change the embedding.
+    the pooled position never change the embedding. SigLIP's tower: ``causal=False,
+    pad_mask=False, pool="final", proj_bias=True`` (pads are attended to, as trained).
     """
 
     width: int
@@ -140,6 +151,8 @@ class TextTower(nn.Module):
     causal: bool = True
     pad_id: int = 0
     eot_id: int | None = None
+    pad_mask: bool = True
+    proj_bias: bool = False
     act: str = "gelu"
     ln_eps: float = 1e-5
     remat: str = "none"
@@ -168,13 +181,19 @@ class TextTower(nn.Module):
         index_B = jnp.maximum(jnp.sum(valid_BT, axis=-1) - 1, 0)
         if self.pool == "eot" and self.eot_id is None:
             index_B = jnp.argmax(ids_BT, axis=-1)
-        elif self.pool == "eot":
-            is_eot_BT = ids_BT == self.eot_id
-            index_B = jnp.where(jnp.any(is_eot_BT, axis=-1), jnp.argmax(is_eot_BT, axis=-1), index_B)
+        elif self.pool == "eot":  # a text without one pools position 0, as OpenCLIP's and transformers' CLIP do
+            index_B = jnp.argmax(ids_BT == self.eot_id, axis=-1)
+        elif self.pool == "final":
+            index_B = jnp.full((b,), t - 1)
+        mask_BT = None if self.causal or not self.pad_mask else valid_BT
         # Only the pooled token's row of the last block is computed.
         x_B1D = Transformer(self.depth, self.num_heads, d // self.num_heads, self.mlp_dim, self.act, self.ln_eps,
                             causal=self.causal, remat=self.remat, scan=self.scan, dtype=self.dtype,
-                            name="transformer")(x_BTD, None if self.causal else valid_BT, query_B=index_B.astype(jnp.int32))
+                            name="transformer")(x_BTD, mask_BT, query_B=index_B.astype(jnp.int32))
         x_BD = LayerNorm(self.ln_eps, self.dtype, name="ln_final")(x_B1D)[:, 0]
         w_proj = param_with_axes(self, "proj", nn.initializers.normal(d**-0.5), (d, self.embed_dim), ("embed", "proj"))
-        return jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
+        z_BE = jnp.einsum("bd,de->be", x_BD, w_proj.astype(self.dtype))
+        if self.proj_bias:
+            z_BE = z_BE + param_with_axes(self, "proj_bias", nn.initializers.zeros, (self.embed_dim,),
+                                          ("proj",)).astype(self.dtype)[None]
+        return z_BE
