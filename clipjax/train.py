@@ -46,7 +46,8 @@ def _default_data_iterator(config, mesh) -> Any:
 
     return train_input.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
-        context_length=config.model.text.context_length, seed=config.seed, mesh=mesh)
+        context_length=config.model.text.context_length, seed=config.seed, mesh=mesh,
+        seq_len=config.model.image.seq_len, patch_size=config.model.image.patch_size)
 
 
 def _switch_data(old, new):
@@ -104,7 +105,7 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
             state = init_state(setup, config.seed, params)
     start = int(jax.device_get(state.step))
     start_phase = stages.phase_at(config, start)  # differs from ``phase`` when resumed from an older checkpoint
-    if (start_phase.image_size, start_phase.context_length) != (phase.image_size, phase.context_length):
+    if start_phase.input_sizes != phase.input_sizes:
         data_iter = _switch_data(data_iter, make_data(stages.data_config(config, start_phase), mesh))
     phase = start_phase
 
@@ -201,13 +202,13 @@ def train(config, workdir: str, *, data_iterator_fn: Callable[[Any, Any], Iterat
         for step in range(start, total):
             new_phase = stages.phase_at(config, step)
             if new_phase != phase:
-                if (new_phase.image_size, new_phase.context_length) != (phase.image_size, phase.context_length):
+                if new_phase.input_sizes != phase.input_sizes:
                     data_iter = _switch_data(data_iter, make_data(stages.data_config(config, new_phase), mesh))
                 phase = new_phase
                 compiled = compiled_for(phase)[0]
                 distributed.barrier(f"train-phase-from-step-{step}")
-                log.info("step %d: image size %d, context length %d, mask ratio %g", step, phase.image_size,
-                         phase.context_length, phase.mask_ratio)
+                log.info("step %d: image size %d, NaFlex length %d, context length %d, mask ratio %g", step,
+                         phase.image_size, phase.seq_len, phase.context_length, phase.mask_ratio)
             batch = next(data_iter)
             state, metrics = compiled(state, batch)
             checkpointer.check()  # a failed background save stops the run here, not at the next save

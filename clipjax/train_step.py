@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clipjax import losses, optim, sharding
 from clipjax.data import resize
 from clipjax.models import CLIP, build_model, dummy_inputs, num_kept, random_keep
+from clipjax.models.naflex import random_keep_valid
 from clipjax.stages import Phase, data_config, final_phase
 
 _MASK_STREAM = 1  # fold_in tag of the patch masks within a step's randomness
@@ -61,9 +62,14 @@ class Setup:
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-example shape and dtype of each train batch field (what the input pipeline yields)."""
+    text = {"text": ((config.model.text.context_length,), jnp.int32)}
+    length, patch = config.model.image.get("seq_len", 0), config.model.image.patch_size
+    if length:  # NaFlex (models/naflex.py)
+        return {"patches": ((length, patch * patch * 3), jnp.uint8), "patch_yx": ((length, 2), jnp.int32),
+                "patch_valid": ((length,), jnp.bool_), **text}
     p = config.data.buffer_size
     return {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
-            "text": ((config.model.text.context_length,), jnp.int32)}
+            **text}
 
 
 def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
@@ -129,12 +135,18 @@ def mask_rng(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _MASK_STREAM), step)
 
 
-def patch_keep(config, phase: Phase, batch_size: int, rng: jax.Array) -> jax.Array | None:
-    """int32 ``[B, K]`` kept patches per example in ``phase`` (None: no masking), sharded over the batch."""
+def patch_keep(config, phase: Phase, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array | None:
+    """int32 ``[B, K]`` kept patches per example in ``phase`` (None: no masking), sharded over the batch.
+
+    NaFlex examples drop a share of their own patches, never counting padding as kept.
+    """
     if not phase.mask_ratio:
         return None
+    if phase.seq_len:
+        keep_BK = random_keep_valid(rng, batch["patch_valid"], phase.mask_ratio)
+        return jax.lax.with_sharding_constraint(keep_BK, P(sharding.BATCH_AXES))
     patches = (phase.image_size // config.model.image.patch_size) ** 2
-    keep_BK = random_keep(rng, batch_size, patches, num_kept(patches, phase.mask_ratio))
+    keep_BK = random_keep(rng, batch["text"].shape[0], patches, num_kept(patches, phase.mask_ratio))
     return jax.lax.with_sharding_constraint(keep_BK, P(sharding.BATCH_AXES))
 
 
@@ -206,7 +218,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
     config = setup.config
     phase = phase or final_phase(config)
     params = state.params
-    keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(config.seed, state.step))
+    keep_BK = patch_keep(config, phase, batch, mask_rng(config.seed, state.step))
     loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase)
 
     # The one pass over the gradients besides the update: clipping reuses this norm.

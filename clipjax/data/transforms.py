@@ -175,6 +175,14 @@ def batch_regions(rows: Sequence[Mapping[str, np.ndarray]], buffer_size: int) ->
             "image_hw": np.stack([r["image_hw"] for r in rows])}
 
 
+def batch_rows(rows: Sequence[Mapping[str, np.ndarray]], buffer_size: int) -> dict[str, np.ndarray]:
+    """A batch from prepared rows: crops padded into the ``buffer_size`` buffer (``batch_regions``) when
+    rows carry pixels, every other field stacked."""
+    batch = batch_regions(rows, buffer_size) if "pixels" in rows[0] else {}
+    batch.update({key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in ("pixels", *batch)})
+    return batch
+
+
 def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: ImageOptions) -> dict[str, np.ndarray]:
     """Decode and draw a random resized crop (``cut_region``'s output)."""
     img = to_rgb(image, opts.draft_size)
