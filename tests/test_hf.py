@@ -44,6 +44,9 @@ def _perturb(model, seed):
         for name, p in model.named_parameters():
             if p.ndim <= 1 or name.endswith("probe"):  # biases, LayerNorms, class token, probe, scale, bias
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:  # wider pre-activations, where the GELU approximations part
+                p.add_(0.15 * torch.randn(p.shape, generator=g))
+        model.logit_scale.add_(2.3)  # a trained model's temperature (exp 10), not 1
     return model.eval()
 
 

@@ -154,8 +154,7 @@ class TextTower(nn.Module):
 
     `pool="eot"` takes the first ``eot_id`` token (or, with ``eot_id=None``, the
     token at argmax(ids): OpenAI CLIP's end token has the largest id); `pool="last"`
-    takes the last non-pad token, which is also the fallback for a text without
-    an end token; `pool="final"` takes position T-1 whatever it holds.
+    takes the last non-pad token; `pool="final"` takes position T-1 whatever it holds.
     Causal attention (or, without it, a key-padding mask) means pad tokens after
     the pooled position never change the embedding. SigLIP's tower: ``causal=False,
     pad_mask=False, pool="final", proj_bias=True`` (pads are attended to, as trained).
@@ -202,9 +201,8 @@ class TextTower(nn.Module):
         index_B = jnp.maximum(jnp.sum(valid_BT, axis=-1) - 1, 0)
         if self.pool == "eot" and self.eot_id is None:
             index_B = jnp.argmax(ids_BT, axis=-1)
-        elif self.pool == "eot":
-            is_eot_BT = ids_BT == self.eot_id
-            index_B = jnp.where(jnp.any(is_eot_BT, axis=-1), jnp.argmax(is_eot_BT, axis=-1), index_B)
+        elif self.pool == "eot":  # a text without one pools position 0, as OpenCLIP's and transformers' CLIP do
+            index_B = jnp.argmax(ids_BT == self.eot_id, axis=-1)
         elif self.pool == "final":
             index_B = jnp.full((b,), t - 1)
         mask_BT = None if self.causal or not self.pad_mask else valid_BT
