@@ -55,9 +55,11 @@ class Setup:
     state_shardings: TrainState
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
 
-    def batch_shardings(self) -> dict[str, NamedSharding]:
+    def batch_shardings(self, phase: Phase | None = None) -> dict[str, NamedSharding]:
+        """The shardings of the batch fields of ``phase`` (default: the model's own sizes)."""
+        config = self.config if phase is None else data_config(self.config, phase)
         return {key: sharding.batch_sharding(self.mesh, len(shape) + 1)
-                for key, (shape, _) in batch_spec(self.config).items()}
+                for key, (shape, _) in batch_spec(config).items()}
 
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -167,8 +169,8 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
-        images = resize.model_images(crops, phase.image_size, interpolation)
-        zimg = model.apply(v, images.astype(dtype), keep, method=CLIP.encode_image)
+        images = resize.model_images(crops, phase.image_size, interpolation, dtype)
+        zimg = model.apply(v, images, keep, method=CLIP.encode_image)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
         return zimg, ztxt
 
@@ -255,8 +257,8 @@ def compile_train_step(setup: Setup, phase: Phase | None = None):
 
     ``phase`` (default ``stages.final_phase``): the sizes and mask ratio it is compiled for.
     """
-    batch_sh = setup.batch_shardings()
     phase = phase or final_phase(setup.config)
+    batch_sh = setup.batch_shardings(phase)
     step = jax.jit(
         functools.partial(train_step, setup, phase=phase),
         in_shardings=(setup.state_shardings, batch_sh),

@@ -7,7 +7,8 @@ never seen in training) and retrieval recall are printed at the end.
 
 Argument (optional): ``steps=N``, ``batch=N``, ``smoke`` (a seconds-long run
 with the smallest towers, used by the tests), ``data=DIR`` (where the synthetic
-dataset lives).
+dataset lives), ``naflex=L`` (SigLIP 2's switch: the last tenth of the steps and
+evaluation take NaFlex input of at most L patches).
 """
 
 from clipjax.config import base_config, parse_arg
@@ -15,7 +16,7 @@ from clipjax.evals.config import retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic")
+    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="workdirs/synthetic", naflex=0)
     c = base_config()
     c.seed = 0
     m = c.model
@@ -72,4 +73,7 @@ def get_config(arg=None):
         c.train.report = False
         c.evals.synthetic_zeroshot.every = 4
         c.evals.synthetic_retrieval.max_examples = 64
+    if a.naflex:
+        c.train.stages = ((c.train.steps - c.train.steps // 10, m.image.image_size, m.text.context_length),)
+        m.image.seq_len = a.naflex
     return c

@@ -7,7 +7,10 @@ then times on the same files in one run:
 * the host pipeline (read + decode + random crop box + cut out its pixels +
   tokenize + batch; resizing and normalising run on the accelerator, see
   ``clipjax/data/resize.py``) with 0 workers (one core), and without JPEG draft mode,
-* the same with N grain worker processes.
+* the same with N grain worker processes,
+* the NaFlex host pipeline (``clipjax/data/naflex.py``: the whole image at its aspect
+  ratio, resized on the host to at most ``--naflex_len`` patches and patchified) with
+  0 workers, draft decode: its per-core cost against the fixed-resolution row.
 
 Rows are measured in interleaved rounds and each reports its best round. Single-core
 rows also report CPU time per image (``time.process_time``), the per-core comparison
@@ -78,7 +81,7 @@ def time_raw_decode(jpegs: list[bytes], passes: int) -> tuple[float, float]:
 
 
 def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, batch: int, num_images: int,
-                  tokenizer: str, passes: int) -> tuple[float, float]:
+                  tokenizer: str, passes: int, seq_len: int = 0, patch_size: int = 16) -> tuple[float, float]:
     """(images/s, CPU ms an image of this process) of the train pipeline over ``passes``
     epochs, after one warm-up batch. With 0 workers the CPU time is all the work."""
     from clipjax.data import config, train_input
@@ -87,7 +90,8 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
     cfg.source, cfg.path, cfg.num_workers, cfg.draft_decode, cfg.tokenizer = "arrayrecord", folder, workers, draft, tokenizer
     cfg.prefetch = 0 if workers == 0 else 2  # 0 workers: everything on this one core
     it = train_input.make_train_iterator(cfg, global_batch_size=batch, image_size=image_size, context_length=77,
-                                      seed=0, process_index=0, process_count=1)
+                                      seed=0, process_index=0, process_count=1, seq_len=seq_len,
+                                      patch_size=patch_size)
     try:
         next(it)  # worker start-up is not throughput
         n = max(1, passes * num_images // batch)
@@ -95,7 +99,7 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
         for _ in range(n):
             b = next(it)
         dt, dc = time.perf_counter() - t, time.process_time() - c
-        assert b["image"].shape[0] == batch
+        assert b["text"].shape[0] == batch
     finally:
         it.close()
     return n * batch / dt, 1e3 * dc / (n * batch)
@@ -108,6 +112,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the multi-worker row")
     p.add_argument("--passes", type=int, default=2, help="epochs timed per measurement")
+    p.add_argument("--naflex_len", type=int, default=256, help="patch budget of the NaFlex row (0: no such row)")
+    p.add_argument("--patch_size", type=int, default=16, help="patch size of the NaFlex row")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; each row reports its best")
     p.add_argument("--tokenizer", default="bytes", choices=("bytes", "clip"))
     p.add_argument("--dir", default="", help="where to write the shards (default: a temporary folder)")
@@ -121,22 +127,28 @@ def main(argv: list[str]) -> int:
         kb = np.mean([len(j) for j in jpegs]) / 1024
         common = dict(image_size=a.image_size, batch=a.batch, num_images=a.num_images, tokenizer=a.tokenizer,
                       passes=a.passes)
-        cases = [("pillow full decode (convert RGB)", 0, None), ("pipeline, draft decode", 0, True),
-                 ("pipeline, full decode", 0, False), ("pipeline, draft decode", a.workers, True)]
+        cases = [("pillow full decode (convert RGB)", 0, None, 0), ("pipeline, draft decode", 0, True, 0),
+                 ("pipeline, full decode", 0, False, 0), ("pipeline, draft decode", a.workers, True, 0)]
+        if a.naflex_len:
+            cases.append((f"NaFlex pipeline ({a.naflex_len} patches of {a.patch_size}), draft decode", 0, True,
+                          a.naflex_len))
         best_ips, best_cpu = [0.0] * len(cases), [float("inf")] * len(cases)
         for _ in range(a.rounds):  # interleaved, so drifting machine load hits every row alike
-            for i, (_, workers, draft) in enumerate(cases):
+            for i, (_, workers, draft, seq_len) in enumerate(cases):
                 ips, cpu = (time_raw_decode(jpegs, a.passes) if draft is None
-                            else time_pipeline(folder, workers=workers, draft=draft, **common))
+                            else time_pipeline(folder, workers=workers, draft=draft, seq_len=seq_len,
+                                               patch_size=a.patch_size, **common))
                 best_ips[i], best_cpu[i] = max(best_ips[i], ips), min(best_cpu[i], cpu)
         rows = []
-        for (name, workers, _), ips, cpu in zip(cases, best_ips, best_cpu):
+        for (name, workers, _, _), ips, cpu in zip(cases, best_ips, best_cpu):
             row = {"case": name, "workers": workers, "images_per_s": ips, "vs_raw": ips / best_ips[0]}
             if workers == 0:  # one core does everything: compare CPU time, which other jobs do not inflate
                 row.update(cpu_ms_per_image=cpu, per_core_vs_raw=best_cpu[0] / cpu)
             rows.append(row)
         for r in rows:
             r.update(jpeg_kb=round(float(kb), 1), size=f"{a.width}x{a.height}q{a.quality}->{a.image_size}")
-        rows[-1]["vs_0_workers"] = rows[-1]["images_per_s"] / rows[1]["images_per_s"]
+        rows[3]["vs_0_workers"] = rows[3]["images_per_s"] / rows[1]["images_per_s"]
+        if a.naflex_len:  # per core against the fixed-resolution pipeline (same decode, same draft)
+            rows[4]["per_core_vs_fixed"] = best_cpu[1] / best_cpu[4]
     emit(rows, a.json)
     return 0

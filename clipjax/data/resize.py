@@ -123,15 +123,15 @@ def image_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return {key: batch[key] for key in (NAFLEX_KEYS if NAFLEX_KEYS[0] in batch else IMAGE_KEYS)}
 
 
-def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic") -> Any:
-    """The image tower's input from a batch's image fields: float32 ``[B, size, size, 3]`` from
-    ``IMAGE_KEYS``, or from ``NAFLEX_KEYS`` the same mapping with normalised float32 patches
-    (zero on padding)."""
+def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic",
+                 dtype: Any = jnp.float32) -> Any:
+    """The image tower's input from a batch's image fields: ``[B, size, size, 3]`` from ``IMAGE_KEYS``,
+    or from ``NAFLEX_KEYS`` the same mapping with normalised patches (zero on padding); in ``dtype``."""
     if NAFLEX_KEYS[0] in batch:
         patches_BLK, valid_BL = batch["patches"], batch["patch_valid"]
         pixels_BLQ3 = patches_BLK.astype(jnp.float32).reshape(*patches_BLK.shape[:2], -1, 3)
         patches_BLK = normalise(pixels_BLQ3).reshape(patches_BLK.shape)
-        return {**batch, "patches": jnp.where(valid_BL[..., None], patches_BLK, 0.0)}
+        return {**batch, "patches": jnp.where(valid_BL[..., None], patches_BLK, 0.0).astype(dtype)}
     pixels = crop_resize(batch["image"], batch["image_box"], batch["image_hw"], size, interpolation)
-    return normalise(pixels)
+    return normalise(pixels).astype(dtype)
 
