@@ -19,7 +19,7 @@ from ml_collections import config_dict
 
 from clipjax import losses, optim, sharding
 from clipjax.data.config import data_config, validate_data_config
-from clipjax.data.tokenizer import TOKENIZERS
+from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.data.transforms import ImageOptions
 from clipjax.errors import ConfigError, closest, did_you_mean, one_line
 from clipjax.evals.config import evals_config, validate_evals_config
@@ -332,14 +332,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
         _check_choice(m.dtype, list(DTYPES), "model.dtype")
         _as_config_error(validate_data_config, c.data)
         c.data.buffer_size = ImageOptions.from_config(c.data, m.image.image_size).buffer_size
-        tokenizer = TOKENIZERS[c.data.tokenizer]
+        vocab_size, eot_id = tokenizer_lib.describe(c.data.tokenizer)
         if m.text.eot_id is None:
-            m.text.eot_id = tokenizer.eot_id
+            m.text.eot_id = eot_id
         if m.text.vocab_size is None:
-            m.text.vocab_size = tokenizer.vocab_size
-        elif m.text.vocab_size < tokenizer.vocab_size:
+            m.text.vocab_size = vocab_size
+        elif m.text.vocab_size < vocab_size:
             raise ConfigError(f"model.text.vocab_size={m.text.vocab_size} is smaller than the "
-                              f"{c.data.tokenizer!r} tokenizer's vocabulary ({tokenizer.vocab_size})")
+                              f"{c.data.tokenizer!r} tokenizer's vocabulary ({vocab_size})")
         _check_choice(c.loss.kind, losses.KINDS, "loss.kind")
         _check_choice(c.loss.impl, losses.IMPLS, "loss.impl")
         sigmoid = c.loss.kind == "sigmoid"

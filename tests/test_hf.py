@@ -168,3 +168,35 @@ def test_export_refuses_what_transformers_cannot_express(case):
     m.text.causal = kind == "siglip"
     with pytest.raises(blocks.WeightsError, match="model.text.causal"):
         hf.hf_config(m)
+
+
+@pytest.mark.parametrize("scanned,prefix", [(False, True), (True, False)])
+def test_big_vision_round_trip_and_parity(case, tmp_path, scanned, prefix):
+    """clipjax -> big_vision .npz (per-layer / scanned, with / without params/) -> clipjax is bit-exact,
+    and the model read from the .npz still equals transformers'."""
+    from clipjax.interop import bigvision
+
+    kind, model, folder, images, ids = case
+    if kind != "siglip":
+        pytest.skip("big_vision's two_towers is SigLIP")
+    m, params = hf.import_weights(folder)
+    m.ln_eps = 1e-6  # big_vision's LayerNorm eps; the reference used 1e-5
+    path = str(tmp_path / "siglip.npz")
+    bigvision.export_weights(params, m, path, scanned=scanned, prefix=prefix)
+    with np.load(path) as z:
+        assert any(k.startswith("params/") for k in z.files) == prefix
+        assert any("encoderblock/" in k for k in z.files) == scanned
+        assert z["params/img/embedding/kernel" if prefix else "img/embedding/kernel"].shape == (8, 8, 3, 48)
+    m2, params2 = bigvision.import_weights(path, scan=not scanned)
+    assert m2.to_dict() == {**m.to_dict(), "scan": not scanned, "text": {**m.text.to_dict(), "eot_id": None,
+                                                                         "pad_id": 0}}
+    jax.tree.map(np.testing.assert_array_equal, bigvision.params_from_npz(bigvision.read_npz(path), m), params)
+    m2.ln_eps = 1e-5
+    assert _gap(_ours(m2, params2, images, ids), _hf_outputs(model, images, ids)) < 1e-4
+    with np.load(path) as z:
+        broken = dict(z)
+    broken.pop(next(k for k in broken if k.endswith("txt/head/bias")))
+    broken["img/extra"] = np.zeros(2, np.float32)
+    np.savez(path, **broken)
+    with pytest.raises(blocks.WeightsError, match=r"txt/head/bias.*img/extra|img/extra.*txt/head/bias"):
+        bigvision.import_weights(path)

@@ -11,7 +11,7 @@ import ml_collections
 
 from clipjax.data.resize import KERNELS
 from clipjax.data.sources import SOURCES
-from clipjax.data.tokenizer import KINDS as TOKENIZERS
+from clipjax.data.tokenizer import check_spec
 from clipjax.data.transforms import EVAL_CROPS
 
 CAPTION_CHOICES = ("random", "first")
@@ -46,7 +46,7 @@ def data_config() -> ml_collections.ConfigDict:
         # With no text_key, captions are made from the label's class name with this template.
         "label_caption_template": "a photo of a {}.",
         # --- text ---
-        "tokenizer": "bytes",  # bytes | clip (must match the model's vocab_size)
+        "tokenizer": "bytes",  # bytes | clip | sentencepiece:PATH | hf:PATH_OR_DIR (sets the model's vocab_size)
         "bpe_path": "",  # CLIP BPE vocabulary (tokenizer=clip); "" -> the tokenizer's default
         "caption_choice": "random",  # random | first: which caption of an example trains (train only)
         # --- image ---
@@ -94,8 +94,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("text_key", "with source=tfds set text_key or label_key (captions come from class names)")
     if "{}" not in cfg.label_caption_template:
         _fail("label_caption_template", f"{cfg.label_caption_template!r} has no '{{}}' for the class name")
-    if cfg.tokenizer not in TOKENIZERS:
-        _fail("tokenizer", f"{cfg.tokenizer!r} is not one of {TOKENIZERS}")
+    if (why := check_spec(cfg.tokenizer)) is not None:
+        _fail("tokenizer", why)
     if cfg.caption_choice not in CAPTION_CHOICES:
         _fail("caption_choice", f"{cfg.caption_choice!r} is not one of {CAPTION_CHOICES}")
     if cfg.get("eval_crop", "centre") not in EVAL_CROPS:

@@ -24,11 +24,12 @@ import gzip
 import html
 import os
 import re
+import string
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Tokenizer", "ClipTokenizer", "ByteTokenizer", "get_tokenizer", "default_bpe_path", "bytes_to_unicode"]
+__all__ = ["Tokenizer", "ClipTokenizer", "ByteTokenizer", "SentencePieceTokenizer", "HFTokenizer", "get_tokenizer", "default_bpe_path", "bytes_to_unicode"]
 
 
 # CLIP's pre-tokenisation regex (applied to lowercased, cleaned text, case-insensitively).
@@ -298,14 +299,185 @@ class ByteTokenizer(Tokenizer):
         return out.decode("utf-8", errors="replace")
 
 
+_SPECIALS = re.compile(r"\s*(</s>|<unk>)\s*")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` (SigLIP's English 32k and multilingual 250k vocabularies) as
+    transformers' ``SiglipTokenizer`` applies it: lower-cased, ASCII punctuation removed, whitespace
+    collapsed, ``[tokens] </s>`` cut to ``context_length`` (the end token kept) and padded with ``</s>``.
+    """
+
+    def __init__(self, path: str, context_length: int = 64, do_lower_case: bool = True):
+        import sentencepiece
+
+        self.path, self.context_length, self.do_lower_case = path, context_length, do_lower_case
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eot_id = self.pad_id = self._sp.piece_to_id("</s>")
+        self.sot_id = -1  # SigLIP's texts have no start token
+        # Encoding "<unk>" + text, then dropping the pieces of "<unk>", makes the text's first word a word
+        # start whatever it begins with (transformers' SiglipTokenizer does the same).
+        self._unk_pieces = len(self._sp.encode("<unk>"))
+        self._drop = str.maketrans("", "", string.punctuation)
+
+    def __getstate__(self):  # the SentencePiece processor is rebuilt in each worker
+        return (self.path, self.context_length, self.do_lower_case)
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
+    def _encode_chunk(self, text: str) -> list[int]:
+        text = re.sub(r"\s+", " ", (text.lower() if self.do_lower_case else text).translate(self._drop)).strip()
+        ids = self._sp.encode("<unk>" + text)
+        return ids[self._unk_pieces:] if len(ids) >= self._unk_pieces else ids
+
+    def encode(self, text: str) -> list[int]:
+        # Literal special tokens (whitespace around them dropped) are their ids, as in transformers.
+        parts = _SPECIALS.split("\u2581" + text.replace("\u2581", " "))
+        ids: list[int] = []
+        for n, part in enumerate(parts):
+            ids += [self._sp.piece_to_id(part)] if n % 2 else self._encode_chunk(part)
+        if len(parts) > 1 and len(ids) > 1 and ids[0] == self._sp.piece_to_id("\u2581") and \
+                self._sp.id_to_piece(ids[1]) in ("</s>", "<unk>"):
+            ids = ids[1:]  # the word-start mark before a leading special token
+        return ids
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int32)
+        for i, text in enumerate(texts):
+            row = self.encode(text)[: self.context_length - 1] + [self.eot_id]
+            out[i, : len(row)] = row
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) != self.eot_id])
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (SigLIP 2's Gemma 256k, any other) through the ``tokenizers`` package,
+    with its ``tokenizer_config.json``'s padding side, special tokens and lower-casing: ids equal
+    ``AutoTokenizer(...)(texts, padding="max_length", truncation=True, max_length=context_length)``."""
+
+    def __init__(self, path: str, context_length: int = 64):
+        import json
+
+        import tokenizers
+
+        self.path, self.context_length = path, context_length
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.isfile(cfg_path) else {}
+        tok = tokenizers.Tokenizer.from_file(file)
+        # transformers' Siglip2Tokenizer lower-cases (SigLIP 2 trained on lower-cased text) and pads on the left.
+        siglip2 = cfg.get("tokenizer_class") == "Siglip2Tokenizer"
+        if siglip2 and "Lowercase" not in json.dumps(json.loads(tok.to_str()).get("normalizer")):
+            normalizer = tok.normalizer
+            tok.normalizer = tokenizers.normalizers.Sequence(
+                [tokenizers.normalizers.Lowercase()] + ([normalizer] if normalizer else []))
+        pad = _token_str(cfg.get("pad_token")) or "<pad>"
+        self.pad_id = tok.token_to_id(pad)
+        if self.pad_id is None:
+            raise ValueError(f"{file}: pad token {pad!r} is not in the vocabulary")
+        eos = _token_str(cfg.get("eos_token")) or "<eos>"
+        self.eot_id = tok.token_to_id(eos) if tok.token_to_id(eos) is not None else self.pad_id
+        self.sot_id = -1
+        self.vocab_size = tok.get_vocab_size()
+        side = cfg.get("padding_side", "left" if siglip2 else "right")
+        tok.enable_truncation(max_length=context_length, direction=cfg.get("truncation_side", "right"))
+        tok.enable_padding(direction=side, pad_id=self.pad_id, pad_token=pad, length=context_length)
+        self._tok = tok
+
+    def __getstate__(self):
+        return (self.path, self.context_length)
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray([e.ids for e in self._tok.encode_batch(list(texts))], dtype=np.int32).reshape(
+            len(texts), self.context_length)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def _token_str(token) -> str | None:
+    """A special token of tokenizer_config.json: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 TOKENIZERS: dict[str, type[Tokenizer]] = {"clip": ClipTokenizer, "bytes": ByteTokenizer}
 KINDS = tuple(TOKENIZERS)
+# data.tokenizer values that name a file: "sentencepiece:PATH", "hf:PATH_OR_DIR".
+FILE_KINDS: dict[str, type[Tokenizer]] = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
+
+
+def check_spec(spec: str) -> str | None:
+    """Why ``data.tokenizer=spec`` cannot work (None when it can)."""
+    kind, _, path = spec.partition(":")
+    if spec in TOKENIZERS:
+        return None
+    if kind not in FILE_KINDS or not path:
+        return f"{spec!r} is not one of {KINDS} nor sentencepiece:PATH / hf:PATH_OR_DIR"
+    if not os.path.exists(path):
+        return f"{spec!r}: {path} does not exist"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def describe(spec: str) -> tuple[int, int]:
+    """``(vocab_size, eot_id)`` of a ``data.tokenizer`` value (files are read once)."""
+    if spec in TOKENIZERS:
+        return TOKENIZERS[spec].vocab_size, TOKENIZERS[spec].eot_id
+    tok = get_tokenizer(spec, context_length=8)
+    return tok.vocab_size, tok.eot_id
 
 
 def get_tokenizer(kind: str, *, context_length: int, bpe_path: str | None = None) -> Tokenizer:
-    """``"clip"`` (OpenAI CLIP BPE, vocab 49408; ``bpe_path`` defaults to ``default_bpe_path()``) or ``"bytes"`` (vocab 259)."""
+    """``"clip"`` (OpenAI CLIP BPE, vocab 49408; ``bpe_path`` defaults to ``default_bpe_path()``), ``"bytes"``
+    (vocab 259), ``"sentencepiece:PATH"`` or ``"hf:PATH_OR_DIR"`` (tokenizer.json)."""
     if kind == "clip":
         return ClipTokenizer(bpe_path=bpe_path, context_length=context_length)
     if kind == "bytes":
         return ByteTokenizer(context_length=context_length)
-    raise ValueError(f"unknown tokenizer {kind!r}; expected one of {KINDS}")
+    name, _, path = kind.partition(":")
+    if name in FILE_KINDS and path:
+        return FILE_KINDS[name](path, context_length=context_length)
+    raise ValueError(f"unknown tokenizer {kind!r}; expected one of {KINDS}, sentencepiece:PATH or hf:PATH_OR_DIR")
+
+
+def save_hf_files(spec: str, out_dir: str, *, context_length: int, processor: str) -> int | None:
+    """Writes the transformers tokenizer files of ``data.tokenizer=spec`` into ``out_dir``; returns the pad id
+    (None for ``bytes``, which transformers has no tokenizer for: no files are written)."""
+    import json
+    import shutil
+
+    kind, _, path = spec.partition(":")
+    config: dict = {"model_max_length": context_length, "processor_class": processor}
+    if spec == "clip":
+        vocab, merges = read_bpe(default_bpe_path())
+        with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+        with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        config.update(tokenizer_class="CLIPTokenizer", bos_token=_SOT, eos_token=_EOT, unk_token=_EOT, pad_token="!")
+        pad_id = 0
+    elif kind == "sentencepiece":
+        shutil.copyfile(path, os.path.join(out_dir, "spiece.model"))
+        config.update(tokenizer_class="SiglipTokenizer", eos_token="</s>", pad_token="</s>", unk_token="<unk>",
+                      do_lower_case=True)
+        pad_id = SentencePieceTokenizer(path, context_length).pad_id
+    elif kind == "hf":
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        shutil.copyfile(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path,
+                        os.path.join(out_dir, "tokenizer.json"))
+        src = os.path.join(folder, "tokenizer_config.json")
+        config = {**(json.load(open(src, encoding="utf-8")) if os.path.isfile(src) else {}), **config}
+        pad_id = HFTokenizer(path, context_length).pad_id
+    else:
+        return None
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return pad_id
