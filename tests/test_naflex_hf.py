@@ -1,6 +1,6 @@
 """transformers ``Siglip2Model`` (NaFlex) in and out: embeddings and logits equal transformers' for a
 batch of images of different aspect ratios padded to one length, strict loading of the export,
-bit-exact round trips.
+bit-exact round trips; big_vision ``naflex_vit`` ``.npz`` in and out against the same reference.
 
 The reference is built from a config (no download) with every weight randomly perturbed, as in
 test_hf.py: a 3x5 position grid would hide nothing, so the grid is 4x4 and every image's grid
@@ -14,16 +14,16 @@ import pytest
 import torch
 from openclip_ref import transformers
 
-from clipjax.interop import hf
+from clipjax.interop import bigvision, hf
 from clipjax.models import build_model
 
 tr = transformers()
 
 SIGLIP2 = dict(
     vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
-                       num_patches=16, patch_size=4, layer_norm_eps=1e-5),
+                       num_patches=16, patch_size=4, layer_norm_eps=1e-6),
     text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=12, projection_size=48, layer_norm_eps=1e-5,
+                     num_attention_heads=4, max_position_embeddings=12, projection_size=48, layer_norm_eps=1e-6,
                      bos_token_id=None, eos_token_id=1, pad_token_id=1))
 LENGTH = 24
 SHAPES = ((4, 6), (2, 7), (6, 3), (1, 1))  # (rows, cols) of each image's patch grid
@@ -114,3 +114,20 @@ def test_siglip2_export_loads_strict_and_round_trips(case, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     processor = tr.AutoImageProcessor.from_pretrained(str(out))
     assert (processor.max_num_patches, processor.patch_size) == (16, 4)
+
+
+def test_bigvision_naflex_npz_in_and_out(case, tmp_path):
+    """big_vision's naflex_vit layout, as transformers' converter reads it: the Dense kernel is the
+    Linear's weight transposed, the position table the [G, G, D] grid; the import matches transformers."""
+    model, folder, (pixels, mask, shapes, yx, ids) = case
+    m, params = hf.import_weights(folder)
+    path = str(tmp_path / "naflex.npz")
+    bigvision.export_weights(params, m, path, scanned=True)
+    flat = bigvision.read_npz(path)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(flat["img/embedding/kernel"], sd["vision_model.embeddings.patch_embedding.weight"].T)
+    np.testing.assert_array_equal(flat["img/pos_embedding"],
+                                  sd["vision_model.embeddings.position_embedding.weight"].reshape(4, 4, 48))
+    m2, params2 = bigvision.import_weights(path)
+    assert m2.image.seq_len == 16
+    assert _gap(_ours(m2, params2, pixels, mask, yx, ids), _hf_outputs(model, pixels, mask, shapes, ids)) < 1e-4
