@@ -125,7 +125,8 @@ def tower():
     c = _naflex_config(**{"model.image.class_token": True, "model.image.pool": "map"})
     model = build_model(c.model)
     params = jax.jit(model.init)(jax.random.key(0), *dummy_inputs(c.model))["params"]
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, resize.model_images(x, 16), method=CLIP.encode_image))
+    encode = jax.jit(lambda p, x, keep=None: model.apply({"params": p}, resize.model_images(x, 16), keep,
+                                                          method=CLIP.encode_image))
     return params, encode
 
 
@@ -141,6 +142,20 @@ def test_padding_invariance_and_mixed_aspect_ratios_in_one_batch(tower):
         alone = encode(params, {k: v[b:b + 1] for k, v in _naflex_images(SHAPES, 40).items()})
         np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(batch)[b], atol=2e-6)
     assert np.max(np.abs(np.asarray(batch)[0] - np.asarray(batch)[1])) > 1e-3  # the rows are not all alike
+
+
+def test_flip_kept_padding_stays_masked(tower):
+    """FLIP's kept slots beyond an image's kept patches are padding: the embedding is the same whatever
+    padding fills them, and differs once another image patch is kept."""
+    params, encode = tower
+    small = lambda length: {k: v[3:4] for k, v in _naflex_images(SHAPES, length).items()}  # 2x2: 4 patches
+    short = encode(params, small(12), jnp.asarray([[0, 3, 5, 7, 9, 11]], jnp.int32))
+    padded = small(40)
+    padded["patch_yx"][0, 4:] = (1, 1)  # padding whose position, were it attended to, would show
+    long = encode(params, padded, jnp.asarray([[0, 3, *range(4, 22)]], jnp.int32))
+    np.testing.assert_allclose(np.asarray(long), np.asarray(short), atol=2e-6)
+    other = encode(params, small(12), jnp.asarray([[0, 2, 5, 7, 9, 11]], jnp.int32))
+    assert np.max(np.abs(np.asarray(other) - np.asarray(short))) > 1e-3
 
 
 def test_flip_keeps_only_image_patches():
@@ -204,11 +219,11 @@ class FieldRecorder:
 
 @pytest.mark.slow
 def test_resume_across_a_naflex_stage_boundary_is_bitwise_exact(tmp_path):
-    # Steps 0-1 at 16 px crops, 2-3 NaFlex at 12 patches (the model's final mode), half the patches
+    # Steps 0-1 at the model's 32 px crops, 2-3 NaFlex at 12 patches (the final mode), half the patches
     # masked; the interrupted run crashes right after the boundary and resumes from step 2's checkpoint.
     data_dir = str(tmp_path / "data")
     c = smoke(data_dir, "--config.train.steps=4", "--config.checkpoint.every=2", "--config.checkpoint.async_save=false",
-              "--config.model.image.mask_ratio=0.5", "--config.train.stages=((2, 16, 24),)",
+              "--config.model.image.mask_ratio=0.5", "--config.train.stages=((2, 32, 48),)",
               "--config.model.image.seq_len=12", "--config.data.synth.num_train=96")
     assert [p.seq_len for _, _, p in phases(validate(c))] == [0, 12]
     ref_dir, dir_a = str(tmp_path / "ref"), str(tmp_path / "a")
