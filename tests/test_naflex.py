@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipjax import mfu
 from clipjax.config import validate
 from clipjax.data import naflex as host
 from clipjax.data import resize
@@ -172,6 +173,14 @@ def test_flip_keeps_only_image_patches():
 
 
 # --------------------------------------------------------------------------- training
+
+
+def test_model_flops_count_naflex_tokens_and_the_grid_resize():
+    """NaFlex at L patches costs the fixed path's FLOPs at L patches plus the [L, G*G] @ [G*G, D] resize."""
+    kw = dict(patch_size=16, width=768, depth=12, mlp_dim=3072, embed_dim=768, class_token=False, pool="map")
+    fixed_256 = mfu.vit_flops(256, **kw)
+    assert mfu.vit_flops(224, **kw, seq_len=256) == fixed_256 + 2 * 256 * 14 * 14 * 768
+    assert mfu.vit_flops(256, **kw, seq_len=1024) == mfu.vit_flops(512, **kw) + 2 * 1024 * 16 * 16 * 768
 
 
 def _step_batches(c, n):
