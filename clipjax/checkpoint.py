@@ -380,12 +380,13 @@ def _saved_pos_shapes(state_dir: str) -> dict[str, tuple[int, ...]]:
 def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | None = None) -> Any:
     """Params from another run's checkpoint, restored onto ``abstract_params``'s shardings.
 
-    ``path`` may also be an OpenCLIP/OpenAI weights file (``.safetensors``, ``.bin``, ``.pt``);
+    ``path`` may also be an OpenCLIP/OpenAI weights file (``.safetensors``, ``.bin``, ``.pt``), a
+    transformers ``save_pretrained`` directory or a big_vision ``.npz``;
     a logit bias the file lacks starts at ``init_logit_bias``. Position tables a checkpoint
     saved at another image size or context length are resampled to this model's
     (``models.posemb``): fine-tuning at 336 px from a 224 px run.
     """
-    if os.path.isfile(path):
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "config.json")):
         from clipjax.interop import openclip
 
         try:

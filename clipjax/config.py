@@ -78,6 +78,7 @@ def _model_config() -> ml_collections.ConfigDict:
             "ln_pre": True,  # OpenAI CLIP normalises tokens before the first block
             "patch_bias": False,  # a bias in the patch embedding (SigLIP)
             "proj": True,  # project the pooled width to embed_dim; False: embed_dim = width (SigLIP)
+            "norm": "openai",  # pixel statistics the tower expects: openai (CLIP's mean/std) | siglip (to [-1, 1])
             "mask_ratio": 0.0,  # FLIP: fraction of patches dropped per example in training (0.5, 0.75); eval sees all
             # NaFlex: > 0 feeds each image at its own aspect ratio as at most this many patches (padded to it),
             # the position grid (image_size / patch_size a side) resized per image; 0: fixed image_size crops.
@@ -322,6 +323,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
             raise ConfigError(f"model.image.seq_len={m.image.seq_len} must be 0 (fixed resolution) or a NaFlex "
                               f"patch budget such as 256")
         _check_choice(m.image.pool, IMAGE_POOLS, "model.image.pool")
+        _check_choice(m.image.norm, ("openai", "siglip"), "model.image.norm")
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")
         _check_choice(m.act, list(ACTIVATIONS), "model.act")
         _check_choice(m.remat, list(REMAT_POLICIES), "model.remat")

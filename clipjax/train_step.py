@@ -169,7 +169,7 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
-        images = resize.model_images(crops, phase.image_size, interpolation, dtype)
+        images = resize.model_images(crops, phase.image_size, interpolation, config.model.image.norm, dtype)
         zimg = model.apply(v, images, keep, method=CLIP.encode_image)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
         return zimg, ztxt

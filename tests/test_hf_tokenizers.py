@@ -81,13 +81,23 @@ def test_sentencepiece_equals_siglip_tokenizer(corpus, tmp_path):
 
 @pytest.mark.parametrize("cls", ["Siglip2Tokenizer", "GemmaTokenizer"])
 def test_tokenizer_json_equals_transformers(corpus, tmp_path, cls):
-    """A Gemma-style BPE tokenizer.json: SigLIP 2's (lower-cased, left-padded) and Gemma's own."""
-    path = _train(corpus, tmp_path, "bpe")
-    folder = tmp_path / cls
-    os.makedirs(folder)
-    os.replace(path, folder / "tokenizer.model")  # transformers converts it to tokenizer.json
-    ref = getattr(tr, cls).from_pretrained(folder)
+    """A Gemma-style byte-fallback BPE tokenizer.json (trained here with ``tokenizers``): SigLIP 2's
+    (lower-cased, left-padded) and Gemma's own. (transformers' conversion of a SentencePiece BPE model
+    needs a protobuf runtime this environment lacks, so the BPE is trained directly.)"""
+    import tokenizers
+    from tokenizers import models, normalizers, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    bpe = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(corpus[::3], trainers.BpeTrainer(vocab_size=1200, special_tokens=specials + bytes_,
+                                                             show_progress=False))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    ref = getattr(tr, cls)(vocab=bpe.get_vocab(), merges=merges)
     ref.model_max_length = LENGTH
+    folder = tmp_path / cls
     ref.save_pretrained(folder)
     ref = tr.AutoTokenizer.from_pretrained(folder)
     assert type(ref).__name__ == cls

@@ -110,11 +110,16 @@ def crop_resize(image_BPP3: jax.Array, box_B4: jax.Array, hw_B2: jax.Array, size
     return jnp.where(finite_B111, out_BSS3, jnp.nan)
 
 
-def normalise(pixels: jax.Array) -> jax.Array:
-    """(x / 255 - mean) / std with the OpenAI CLIP statistics, channels last."""
+# model.image.norm: the pixel statistics a tower was trained with (SigLIP's map [0, 255] to [-1, 1]).
+NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "openai": (OPENAI_MEAN, OPENAI_STD), "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def normalise(pixels: jax.Array, norm: str = "openai") -> jax.Array:
+    """(x / 255 - mean) / std with the statistics ``NORMS[norm]``, channels last."""
     shape = (1,) * (pixels.ndim - 1) + (3,)
-    mean = jnp.asarray(OPENAI_MEAN, jnp.float32).reshape(shape)
-    std = jnp.asarray(OPENAI_STD, jnp.float32).reshape(shape)
+    mean = jnp.asarray(NORMS[norm][0], jnp.float32).reshape(shape)
+    std = jnp.asarray(NORMS[norm][1], jnp.float32).reshape(shape)
     return (pixels / 255.0 - mean) / std
 
 
@@ -124,14 +129,15 @@ def image_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic",
-                 dtype: Any = jnp.float32) -> Any:
+                 norm: str = "openai", dtype: Any = jnp.float32) -> Any:
     """The image tower's input from a batch's image fields: ``[B, size, size, 3]`` from ``IMAGE_KEYS``,
-    or from ``NAFLEX_KEYS`` the same mapping with normalised patches (zero on padding); in ``dtype``."""
+    or from ``NAFLEX_KEYS`` the same mapping with normalised patches (zero on padding); normalised with
+    ``NORMS[norm]``, in ``dtype``."""
     if NAFLEX_KEYS[0] in batch:
         patches_BLK, valid_BL = batch["patches"], batch["patch_valid"]
         pixels_BLQ3 = patches_BLK.astype(jnp.float32).reshape(*patches_BLK.shape[:2], -1, 3)
-        patches_BLK = normalise(pixels_BLQ3).reshape(patches_BLK.shape)
+        patches_BLK = normalise(pixels_BLQ3, norm).reshape(patches_BLK.shape)
         return {**batch, "patches": jnp.where(valid_BL[..., None], patches_BLK, 0.0).astype(dtype)}
     pixels = crop_resize(batch["image"], batch["image_box"], batch["image_hw"], size, interpolation)
-    return normalise(pixels).astype(dtype)
+    return normalise(pixels, norm).astype(dtype)
 

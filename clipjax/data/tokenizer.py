@@ -384,7 +384,8 @@ class HFTokenizer(Tokenizer):
         self.eot_id = tok.token_to_id(eos) if tok.token_to_id(eos) is not None else self.pad_id
         self.sot_id = -1
         self.vocab_size = tok.get_vocab_size()
-        side = cfg.get("padding_side", "left" if siglip2 else "right")
+        side = cfg.get("padding_side", "left" if cfg.get("tokenizer_class", "").removesuffix("Fast") in
+                       _LEFT_PADDING else "right")
         tok.enable_truncation(max_length=context_length, direction=cfg.get("truncation_side", "right"))
         tok.enable_padding(direction=side, pad_id=self.pad_id, pad_token=pad, length=context_length)
         self._tok = tok
@@ -401,6 +402,11 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+# transformers' tokenizer classes whose default padding side is the left (Gemma's, SigLIP 2's, Llama's).
+_LEFT_PADDING = ("GemmaTokenizer", "Siglip2Tokenizer", "LlamaTokenizer", "CodeLlamaTokenizer", "CohereTokenizer",
+                 "XLNetTokenizer")
 
 
 def _token_str(token) -> str | None:

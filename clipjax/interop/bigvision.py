@@ -103,7 +103,7 @@ def model_config_from_npz(flat: Mapping[str, np.ndarray], *, scan: bool = True) 
     vocab, _ = flat["txt/Embed_0/embedding"].shape
     m.embed_dim = width
     m.image.update(**towers["image"], patch_size=patch, image_size=grid * patch, pool="map", class_token=False,
-                   ln_pre=False, patch_bias=True, proj=False)
+                   ln_pre=False, patch_bias=True, proj=False, norm="siglip")
     m.text.update(**towers["text"], vocab_size=int(vocab), context_length=int(flat["txt/pos_embedding"].shape[-2]),
                   pool="final", causal=False, pad_mask=False, proj_bias=True)
     m.act, m.ln_eps, m.dtype, m.scan = "gelu_tanh", 1e-6, "float32", bool(scan)

@@ -2,6 +2,10 @@
 
   clipjax-convert from-openclip --checkpoint=FILE [--model=NAME|CONFIG.json] --workdir=DIR
   clipjax-convert to-openclip --workdir=DIR [--step=N] --out=FILE.safetensors
+  clipjax-convert from-hf --checkpoint=HF_DIR --workdir=DIR      (CLIPModel, SiglipModel)
+  clipjax-convert to-hf --workdir=DIR [--step=N] --out=HF_DIR
+  clipjax-convert from-bigvision --checkpoint=FILE.npz --workdir=DIR
+  clipjax-convert to-bigvision --workdir=DIR [--step=N] --out=FILE.npz [--scanned]
 
 from-openclip writes DIR/checkpoints/0 (params and the config describing them), which
 clipjax-eval and --config.checkpoint.init_from=DIR read, and prints the config
@@ -66,15 +70,21 @@ def overrides(config) -> list[str]:
     return flags
 
 
-def from_openclip(checkpoint: str, model: str | None, workdir: str) -> str:
-    """Converts ``checkpoint`` into ``workdir/checkpoints/0``; returns the summary printed by the CLI."""
+def from_openclip(checkpoint: str, model: str | None, workdir: str, fmt: str = "openclip") -> str:
+    """Converts ``checkpoint`` (``fmt``: openclip, hf or bigvision) into ``workdir/checkpoints/0``;
+    returns the summary printed by the CLI."""
     import jax
 
     from clipjax import checkpoint as ckpt_lib
-    from clipjax.interop import openclip
+    from clipjax.interop import bigvision, hf, openclip
     from clipjax.models import count_params
 
-    model_config, params = openclip.import_weights(checkpoint, model)
+    if fmt == "hf":
+        model_config, params = hf.import_weights(checkpoint)
+    elif fmt == "bigvision":
+        model_config, params = bigvision.import_weights(checkpoint)
+    else:
+        model_config, params = openclip.import_weights(checkpoint, model)
     config = run_config(model_config)
     ckpt_lib.check_workdir_writable(workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, every=1, keep=1, async_save=False, config_json=config.to_json())
@@ -83,7 +93,7 @@ def from_openclip(checkpoint: str, model: str | None, workdir: str) -> str:
     checkpointer.save(0, {"params": jax.tree.map(jax.numpy.asarray, params)})
     checkpointer.close()
     flags = " ".join(overrides(config))
-    name = openclip.openclip_name(model_config)
+    name = openclip.openclip_name(model_config) if fmt == "openclip" else None
     return (f"wrote {ckpt_lib.checkpoint_dir(workdir)}/0: {name or 'custom model'}, "
             f"{count_params(params):,} parameters\n"
             f"config overrides: {flags}\n"
@@ -120,6 +130,30 @@ def _saved_model(workdir: str, step: int | None):
     return model_config, jax.device_get(ckpt_lib.load_params(step_dir, abstract)), step
 
 
+def to_hf(workdir: str, step: int | None, out: str) -> str:
+    """Exports ``workdir``'s checkpoint to the transformers directory ``out``; returns the summary."""
+    from clipjax import checkpoint as ckpt_lib
+    from clipjax.interop import hf
+
+    model_config, params, step = _saved_model(workdir, step)
+    checkpointer = ckpt_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
+    try:
+        tokenizer = json.loads(checkpointer.saved_config(step))["data"]["tokenizer"]
+    finally:
+        checkpointer.close()
+    cls = hf.export_weights(params, model_config, out, tokenizer=tokenizer)
+    return f'wrote {out} (step {step}): transformers.{cls}.from_pretrained("{out}")'
+
+
+def to_bigvision(workdir: str, step: int | None, out: str, scanned: bool) -> str:
+    """Exports ``workdir``'s checkpoint to the big_vision ``.npz`` ``out``; returns the summary."""
+    from clipjax.interop import bigvision
+
+    model_config, params, step = _saved_model(workdir, step)
+    bigvision.export_weights(params, model_config, out, scanned=scanned)
+    return f"wrote {out} (step {step}, {'scanned' if scanned else 'per-layer'} blocks)"
+
+
 def to_openclip(workdir: str, step: int | None, out: str) -> str:
     """Exports ``workdir``'s checkpoint to ``out`` plus ``open_clip_config.json``; returns the summary."""
     from clipjax.data import resize
@@ -153,6 +187,17 @@ def _parser() -> ArgumentParser:
     t.add_argument("--workdir", required=True, help="run folder holding checkpoints/")
     t.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     t.add_argument("--out", required=True, help="FILE.safetensors (or .bin/.pt with torch)")
+    for fmt, what in (("hf", "transformers save_pretrained directory (config.json + model.safetensors)"),
+                      ("bigvision", "big_vision SigLIP .npz")):
+        f = sub.add_parser(f"from-{fmt}", help=f"{what} -> clipjax checkpoint")
+        f.add_argument("--checkpoint", required=True, help=what)
+        f.add_argument("--workdir", required=True, help="empty folder for the clipjax checkpoint")
+        t = sub.add_parser(f"to-{fmt}", help=f"clipjax checkpoint -> {what}")
+        t.add_argument("--workdir", required=True, help="run folder holding checkpoints/")
+        t.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+        t.add_argument("--out", required=True, help="output folder" if fmt == "hf" else "FILE.npz")
+        if fmt == "bigvision":
+            t.add_argument("--scanned", action="store_true", help="stacked encoderblock (default: encoderblock_N)")
     return p
 
 
@@ -164,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     a = _parser().parse_args(argv)
     try:
-        if a.command == "from-openclip":
-            print(from_openclip(a.checkpoint, a.model, a.workdir))
+        if a.command.startswith("from-"):
+            print(from_openclip(a.checkpoint, getattr(a, "model", None), a.workdir, a.command[len("from-"):]))
+        elif a.command == "to-hf":
+            print(to_hf(a.workdir, a.step, a.out))
+        elif a.command == "to-bigvision":
+            print(to_bigvision(a.workdir, a.step, a.out, a.scanned))
         else:
             print(to_openclip(a.workdir, a.step, a.out))
     except FileNotFoundError as e:

@@ -81,7 +81,6 @@ TABLES = {
 _PATCH = "vision_model.embeddings.patch_embedding.weight"
 TABLES["siglip2"] = tuple((k, ours, "T" if k == _PATCH else how) for k, ours, how in TABLES["siglip"])
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 # --------------------------------------------------------------------------- files
@@ -176,7 +175,8 @@ def model_config_from_hf(config: Mapping[str, Any], sd: Mapping[str, np.ndarray]
     m.image.update(width=int(conv.shape[0]), depth=depth["image"], heads=int(v["num_attention_heads"]),
                    mlp_dim=int(sd[_LAYERS["image"] + "0.mlp.fc1.weight"].shape[0]), patch_size=patch,
                    image_size=grid * patch, pool="map" if siglip else "tok", class_token=not siglip,
-                   ln_pre=not siglip, patch_bias=siglip, proj=not siglip, seq_len=rows if kind == "siglip2" else 0)
+                   ln_pre=not siglip, patch_bias=siglip, proj=not siglip, norm="siglip" if siglip else "openai",
+                   seq_len=rows if kind == "siglip2" else 0)
     m.text.update(width=int(text_width), depth=depth["text"], heads=int(t["num_attention_heads"]),
                   mlp_dim=int(sd[_LAYERS["text"] + "0.mlp.fc1.weight"].shape[0]), vocab_size=int(vocab),
                   context_length=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
@@ -349,8 +349,7 @@ def preprocessor_config(m: ml_collections.ConfigDict, kind: str) -> dict[str, An
     from clipjax.data import resize
 
     size = int(m.image.image_size)
-    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if m.image.get("norm", "openai") == "siglip" else (
-        resize.OPENAI_MEAN, resize.OPENAI_STD)
+    mean, std = resize.NORMS[m.image.get("norm", "openai")]
     if kind == "siglip2":  # NaFlex: the whole image at its aspect ratio, at most seq_len patches
         return {"image_processor_type": "Siglip2ImageProcessor", "processor_class": "Siglip2Processor",
                 "do_resize": True, "resample": 3, "patch_size": int(m.image.patch_size),

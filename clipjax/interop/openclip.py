@@ -566,7 +566,8 @@ def export_weights(params: Any, model_config: ml_collections.ConfigDict, path: s
 
 
 def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | None = None) -> Any:
-    """A weights file's params on ``abstract_params``'s structure and shardings (``checkpoint.init_from``).
+    """A weights file's params on ``abstract_params``'s structure and shardings (``checkpoint.init_from``):
+    OpenCLIP/OpenAI files, a transformers directory (``config.json``) or a big_vision ``.npz``.
 
     Head counts and the stacked/unrolled block layout come from ``abstract_params``; a
     logit bias the file lacks starts at ``init_logit_bias`` (0 when None), one the model
@@ -577,11 +578,20 @@ def load_params(path: str, abstract_params: Any, *, init_logit_bias: float | Non
 
     want = traverse_util.flatten_dict(abstract_params, sep="/")
     scan = any("/blocks/" in k for k in want)
-    heads = {}
-    for tower in ("image", "text"):
-        key = next(k for k in want if k.startswith(f"{tower}/transformer/") and k.endswith("attn/query_kernel"))
-        heads[tower] = want[key].shape[-2]
-    _, params = import_weights(path, Arch(image_heads=heads["image"], text_heads=heads["text"]), scan=scan)
+    if os.path.isdir(path) or path.endswith("config.json"):
+        from clipjax.interop import hf
+
+        _, params = hf.import_weights(path, scan=scan)
+    elif path.endswith(".npz"):
+        from clipjax.interop import bigvision
+
+        _, params = bigvision.import_weights(path, scan=scan)
+    else:
+        heads = {}
+        for tower in ("image", "text"):
+            key = next(k for k in want if k.startswith(f"{tower}/transformer/") and k.endswith("attn/query_kernel"))
+            heads[tower] = want[key].shape[-2]
+        _, params = import_weights(path, Arch(image_heads=heads["image"], text_heads=heads["text"]), scan=scan)
     got = traverse_util.flatten_dict(params, sep="/")
     if "logit_bias" in want and "logit_bias" not in got:
         got["logit_bias"] = np.asarray(init_logit_bias or 0.0, np.float32)
