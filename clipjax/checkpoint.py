@@ -32,8 +32,8 @@ log = logging.getLogger("clipjax")
 # compatible with a config that agrees on all of them.
 SHAPE_KEYS = ("model.size", "model.embed_dim", "model.image", "model.text", "model.init_logit_bias", "model.scan",
               "loss.kind", "optim.lock_image", "optim.lock_text", "optim.clip_norm")
-# Fields inside SHAPE_KEYS that change no shape (FLIP's mask ratio may change between runs).
-SHAPE_FREE_KEYS = ("model.image.mask_ratio",)
+# Fields inside SHAPE_KEYS that change no shape (FLIP's mask ratio, the NaFlex length may change between runs).
+SHAPE_FREE_KEYS = ("model.image.mask_ratio", "model.image.seq_len")
 
 
 class IncompatibleCheckpoint(UserError, ValueError):
