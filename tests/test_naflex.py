@@ -271,3 +271,13 @@ def test_resume_across_a_naflex_stage_boundary_is_bitwise_exact(tmp_path):
 
     assert losses(dir_a) == losses(ref_dir) and sorted(losses(ref_dir)) == [1, 2, 3, 4]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(ref_state.params))
+
+
+def test_a_checkpoint_evaluates_at_any_naflex_length():
+    from clipjax import checkpoint as ckpt_lib
+
+    saved = _naflex_config().to_json()
+    ckpt_lib.check_compatible(saved, _naflex_config(**{"model.image.seq_len": 64}).to_json())
+    ckpt_lib.check_compatible(saved, _naflex_config(**{"model.image.seq_len": 0}).to_json())
+    with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="patch_size"):
+        ckpt_lib.check_compatible(saved, _naflex_config(**{"model.image.patch_size": 8}).to_json())
