@@ -81,6 +81,9 @@ def _model_config() -> ml_collections.ConfigDict:
             "proj": True,  # project the pooled width to embed_dim; False: embed_dim = width (SigLIP)
             "norm": "openai",  # pixel statistics the tower expects: openai (CLIP's mean/std) | siglip (to [-1, 1])
             "mask_ratio": 0.0,  # FLIP: fraction of patches dropped per example in training (0.5, 0.75); eval sees all
+            # NaFlex: > 0 feeds each image at its own aspect ratio as at most this many patches (padded to it),
+            # the position grid (image_size / patch_size a side) resized per image; 0: fixed image_size crops.
+            "seq_len": 0,
         },
         "text": {
             "width": ph(int), "depth": ph(int), "heads": ph(int), "mlp_dim": ph(int),
@@ -361,6 +364,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
         if m.image.image_size % m.image.patch_size:
             raise ConfigError(f"model.image.image_size={m.image.image_size} is not divisible by "
                              f"model.image.patch_size={m.image.patch_size}")
+        if m.image.seq_len < 0:
+            raise ConfigError(f"model.image.seq_len={m.image.seq_len} must be 0 (fixed resolution) or a NaFlex "
+                              f"patch budget such as 256")
         _check_choice(m.image.pool, IMAGE_POOLS, "model.image.pool")
         _check_choice(m.image.norm, ("openai", "siglip"), "model.image.norm")
         _check_choice(m.text.pool, TEXT_POOLS, "model.text.pool")

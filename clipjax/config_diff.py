@@ -18,7 +18,7 @@ from clipjax.errors import UserError
 SHAPE_KEYS = ("model.size", "model.embed_dim", "model.image", "model.text", "model.init_logit_bias", "model.scan",
               "loss.kind", "optim.lock_image", "optim.lock_text", "optim.clip_norm")
 # Fields inside SHAPE_KEYS that change no shape (FLIP's mask ratio may change between runs).
-SHAPE_FREE_KEYS = ("model.image.mask_ratio",)
+SHAPE_FREE_KEYS = ("model.image.mask_ratio", "model.image.seq_len")  # FLIP ratio, NaFlex length
 # Fields that decide which examples a step sees, in which crops, with which random numbers: after a
 # change the resumed run no longer matches the uninterrupted one (grain's saved position means
 # another thing for another batch size or dataset).

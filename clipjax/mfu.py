@@ -197,17 +197,21 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
 
 
 def vit_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_dim: int, embed_dim: int,
-              class_token: bool = True, channels: int = 3, pool: str = "tok", mask_ratio: float = 0.0) -> float:
+              class_token: bool = True, channels: int = 3, pool: str = "tok", mask_ratio: float = 0.0,
+              seq_len: int = 0) -> float:
     """Forward matmul FLOPs of the image tower for one image (patchify, blocks, pooling, projection).
 
-    With FLIP's ``mask_ratio`` every patch is embedded and the blocks see the kept ones.
+    With FLIP's ``mask_ratio`` every patch is embedded and the blocks see the kept ones. NaFlex
+    (``seq_len`` > 0) runs on ``seq_len`` tokens, padding included (it is computed); the per-image
+    position grid resize (``2 * seq_len * G*G * width``) is counted too.
     """
-    patches = (image_size // patch_size) ** 2
+    patches = seq_len or (image_size // patch_size) ** 2
     tokens = num_kept(patches, mask_ratio) + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
     head = map_head_flops(tokens, width, mlp_dim) if pool == "map" else 0.0
     last_rows = 1 if pool == "tok" else None  # the class token's row only
-    return embed + transformer_forward_flops(tokens, width, depth, mlp_dim, last_rows) + head + 2 * width * embed_dim
+    resize = 2 * seq_len * (image_size // patch_size) ** 2 * width
+    return embed + resize + transformer_forward_flops(tokens, width, depth, mlp_dim, last_rows) + head + 2 * width * embed_dim
 
 
 def text_flops(context_length: int, width: int, depth: int, mlp_dim: int, embed_dim: int) -> float:
@@ -236,7 +240,8 @@ def clip_train_flops(model_cfg: Any, batch: int) -> float:
     e = _get(model_cfg, "embed_dim")
     f_img = vit_flops(_get(img, "image_size", 224), _get(img, "patch_size"), _get(img, "width"),
                       _get(img, "depth"), _get(img, "mlp_dim"), e, bool(_get(img, "class_token", True)),
-                      pool=_get(img, "pool", "tok"), mask_ratio=float(_get(img, "mask_ratio", 0.0)))
+                      pool=_get(img, "pool", "tok"), mask_ratio=float(_get(img, "mask_ratio", 0.0)),
+                      seq_len=int(_get(img, "seq_len", 0) or 0))
     f_txt = text_flops(_get(txt, "context_length", 77), _get(txt, "width"), _get(txt, "depth"),
                        _get(txt, "mlp_dim"), e)
     return 3.0 * batch * (f_img + f_txt) + 6.0 * batch * batch * e

@@ -55,7 +55,8 @@ def _default_data_iterator(config, mesh) -> Any:
     return train_data.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, image_size=config.model.image.image_size,
         context_length=config.model.text.context_length, seed=config.seed, mesh=mesh,
-        decoder=DecoderTargets.from_config(config))
+        decoder=DecoderTargets.from_config(config), seq_len=config.model.image.seq_len,
+        patch_size=config.model.image.patch_size)
 
 
 def _switch_data(old, new):
@@ -286,7 +287,7 @@ class Run:
         state = self._resume_or_init(data_iter)
         start = int(jax.device_get(state.step))
         start_phase = stages.phase_at(self.config, start)  # differs from ``phase`` when resumed from an older step
-        if (start_phase.image_size, start_phase.context_length) != (phase.image_size, phase.context_length):
+        if start_phase.input_sizes != phase.input_sizes:
             data_iter = _switch_data(data_iter, self._open_data(start_phase))
         with self.progress.phase("compiling the train step"):
             compiled, model_flops, flops = self.programs(start_phase)
@@ -347,14 +348,13 @@ class Run:
                 for step in range(start, total):
                     new_phase = stages.phase_at(config, step)
                     if new_phase != phase:
-                        if (new_phase.image_size, new_phase.context_length) != (phase.image_size,
-                                                                                  phase.context_length):
+                        if new_phase.input_sizes != phase.input_sizes:
                             data_iter = _switch_data(data_iter, self._open_data(new_phase))
                         phase = new_phase
                         compiled = self.programs(phase)[0]
                         distributed.barrier(f"train-phase-from-step-{step}")
-                        log.info("step %d: image size %d, context length %d, mask ratio %g", step,
-                                 phase.image_size, phase.context_length, phase.mask_ratio)
+                        log.info("step %d: image size %d, NaFlex length %d, context length %d, mask ratio %g",
+                                 step, phase.image_size, phase.seq_len, phase.context_length, phase.mask_ratio)
                     batch = next(data_iter)
                     with self.profile.step(step, state):
                         state, metrics = compiled(state, batch)

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clipjax import host_env, locca, losses, optim, sharding
 from clipjax.data import resize
 from clipjax.models import CLIP, build_model, dummy_inputs, num_kept, random_keep
+from clipjax.models.naflex import random_keep_valid
 from clipjax.stages import Phase, data_config, final_phase
 
 _MASK_STREAM = 1  # fold_in tag of the patch masks within a step's randomness
@@ -59,16 +60,24 @@ class Setup:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     decoder_loss: locca.DecoderLoss | None = None  # the LocCa objective beside the contrastive one
 
-    def batch_shardings(self) -> dict[str, NamedSharding]:
+    def batch_shardings(self, phase: Phase | None = None) -> dict[str, NamedSharding]:
+        """The shardings of the batch fields of ``phase`` (default: the model's own sizes)."""
+        config = self.config if phase is None else data_config(self.config, phase)
         return {key: sharding.batch_sharding(self.mesh, len(shape) + 1)
-                for key, (shape, _) in batch_spec(self.config).items()}
+                for key, (shape, _) in batch_spec(config).items()}
 
 
 def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-example shape and dtype of each train batch field (what the input pipeline yields)."""
-    p = config.data.buffer_size
-    spec = {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
-            "text": ((config.model.text.context_length,), jnp.int32)}
+    text = {"text": ((config.model.text.context_length,), jnp.int32)}
+    length, patch = config.model.image.get("seq_len", 0), config.model.image.patch_size
+    if length:  # NaFlex (models/naflex.py)
+        spec = {"patches": ((length, patch * patch * 3), jnp.uint8), "patch_yx": ((length, 2), jnp.int32),
+                "patch_valid": ((length,), jnp.bool_), **text}
+    else:
+        p = config.data.buffer_size
+        spec = {"image": ((p, p, 3), jnp.uint8), "image_box": ((4,), jnp.float32), "image_hw": ((2,), jnp.int32),
+                **text}
     if config.model.decoder.enabled:  # data.locca's targets: max_length inputs and the last target
         length = config.model.decoder.max_length + 1
         spec.update(dec_ids=((length,), jnp.int32), dec_target=((length,), jnp.bool_))
@@ -138,12 +147,18 @@ def mask_rng(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _MASK_STREAM), step)
 
 
-def patch_keep(config, phase: Phase, batch_size: int, rng: jax.Array) -> jax.Array | None:
-    """int32 ``[B, K]`` kept patches per example in ``phase`` (None: no masking), sharded over the batch."""
+def patch_keep(config, phase: Phase, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array | None:
+    """int32 ``[B, K]`` kept patches per example in ``phase`` (None: no masking), sharded over the batch.
+
+    NaFlex examples drop a share of their own patches, never counting padding as kept.
+    """
     if not phase.mask_ratio:
         return None
+    if phase.seq_len:
+        keep_BK = random_keep_valid(rng, batch["patch_valid"], phase.mask_ratio)
+        return jax.lax.with_sharding_constraint(keep_BK, P(sharding.BATCH_AXES))
     patches = (phase.image_size // config.model.image.patch_size) ** 2
-    keep_BK = random_keep(rng, batch_size, patches, num_kept(patches, phase.mask_ratio))
+    keep_BK = random_keep(rng, batch["text"].shape[0], patches, num_kept(patches, phase.mask_ratio))
     return jax.lax.with_sharding_constraint(keep_BK, P(sharding.BATCH_AXES))
 
 
@@ -170,7 +185,7 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
             if locked:
                 params[tower] = jax.lax.stop_gradient(params[tower])
         v = {"params": params}
-        images = resize.model_images(crops, phase.image_size, interpolation, config.model.image.norm).astype(dtype)
+        images = resize.model_images(crops, phase.image_size, interpolation, config.model.image.norm, dtype)
         ztxt = model.apply(v, ids, method=CLIP.encode_text)
         if dec is None:
             return model.apply(v, images, keep, method=CLIP.encode_image), ztxt
@@ -238,7 +253,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
     config = setup.config
     phase = phase or final_phase(config)
     params = state.params
-    keep_BK = patch_keep(config, phase, batch["text"].shape[0], mask_rng(config.seed, state.step))
+    keep_BK = patch_keep(config, phase, batch, mask_rng(config.seed, state.step))
     dec = None if setup.decoder_loss is None else setup.decoder_loss.prepare(batch, state.step)
     loss, metrics, grads = loss_and_grads(setup, params, batch, keep_BK, phase, dec)
 
@@ -276,8 +291,8 @@ def compile_train_step(setup: Setup, phase: Phase | None = None):
 
     ``phase`` (default ``stages.final_phase``): the sizes and mask ratio it is compiled for.
     """
-    batch_sh = setup.batch_shardings()
     phase = phase or final_phase(setup.config)
+    batch_sh = setup.batch_shardings(phase)
     step = jax.jit(
         functools.partial(train_step, setup, phase=phase),
         in_shardings=(setup.state_shardings, batch_sh),

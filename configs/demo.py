@@ -10,7 +10,8 @@ with the smallest towers, used by the tests), ``data=DIR`` (where the synthetic
 dataset lives; default ``workdirs/synthetic``, ``workdirs/synthetic-smoke`` with
 ``smoke``, whose dataset is smaller), ``decoder`` (SigLIP 2's LocCa decoder trained
 beside the towers on the shapes' captions and boxes, with a captioning / referring
-evaluation).
+evaluation), ``naflex=L`` (SigLIP 2's switch: the last tenth of the
+steps and evaluation take NaFlex input of at most L patches).
 """
 
 from clipjax.config import base_config, parse_arg
@@ -18,7 +19,7 @@ from clipjax.evals.config import captioning_eval, retrieval_eval, zeroshot_eval
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="", decoder=False)
+    a = parse_arg(arg, steps=1500, batch=128, smoke=False, data="", decoder=False, naflex=0)
     c = base_config()
     c.seed = 0
     m = c.model
@@ -87,4 +88,7 @@ def get_config(arg=None):
         if a.decoder:
             m.decoder.update(width=32, heads=2, mlp_dim=64)
             c.evals.synthetic_captioning.max_examples = 64
+    if a.naflex:
+        c.train.stages = ((c.train.steps - c.train.steps // 10, m.image.image_size, m.text.context_length),)
+        m.image.seq_len = a.naflex
     return c

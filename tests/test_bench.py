@@ -26,11 +26,12 @@ def test_loss_suite_measures_each_impl(capsys):
 
 def test_data_suite_times_each_case(capsys):
     rows = _rows(capsys, ["data", "--num_images=8", "--image_size=32", "--width=64", "--height=48", "--batch=4",
-                          "--workers=1", "--passes=1", "--rounds=1", "--json"])
+                          "--workers=1", "--passes=1", "--rounds=1", "--naflex_len=16", "--patch_size=8", "--json"])
     assert [(r["case"], r["workers"]) for r in rows] == [
         ("pillow full decode (convert RGB)", 0), ("pipeline, draft decode", 0), ("pipeline, full decode", 0),
-        ("pipeline, draft decode", 1)]
+        ("pipeline, draft decode", 1), ("NaFlex pipeline (16 patches of 8), draft decode", 0)]
     assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["vs_raw"] == 1.0
+    assert rows[4]["per_core_vs_fixed"] > 0
 
 
 def test_compile_suite_plans_each_mesh(capsys, tmp_path):

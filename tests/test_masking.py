@@ -82,7 +82,7 @@ def test_masked_step_gradients_equal_hand_gathered_reference(devices, pool, rati
     b = c.train.batch_size
 
     def step_grads(state, batch):  # exactly what train_step draws and differentiates
-        keep = patch_keep(c, phase, b, mask_rng(c.seed, state.step))
+        keep = patch_keep(c, phase, batch, mask_rng(c.seed, state.step))
         return (keep, *loss_and_grads(setup, state.params, batch, keep, phase))
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):

@@ -11,6 +11,9 @@ then times on the same files in one run:
 * with ``--source=webdataset``, the same JPEGs in webdataset tars: random access (0 and N
   workers; its per-core figure against the ArrayRecord row's) and streaming from a
   simulated slow bucket (``--latency_ms`` a request) with N preparing threads.
+* the NaFlex host pipeline (``clipjax/data/naflex.py``: the whole image at its aspect
+  ratio, resized on the host to at most ``--naflex_len`` patches and patchified) with
+  0 workers, draft decode: its per-core cost against the fixed-resolution row.
 
 Rows are measured in interleaved rounds and each reports its best round. Single-core
 rows also report CPU time per image (``time.process_time``), the per-core comparison
@@ -130,7 +133,8 @@ def time_raw_decode(jpegs: list[bytes], passes: int) -> tuple[float, float]:
 
 
 def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, batch: int, num_images: int,
-                  tokenizer: str, passes: int, source: str = "arrayrecord", mode: str = "random") -> tuple[float, float]:
+                  tokenizer: str, passes: int, source: str = "arrayrecord", mode: str = "random",
+                  seq_len: int = 0, patch_size: int = 16) -> tuple[float, float]:
     """(images/s, CPU ms an image of this process) of the train pipeline over ``passes``
     epochs, after one warm-up batch. With 0 workers the CPU time is all the work.
     ``source=webdataset``: ``folder`` is the tars' pattern, read in ``mode``."""
@@ -141,7 +145,8 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
     cfg.webdataset.mode = mode
     cfg.prefetch = 0 if workers == 0 else 2  # 0 workers: everything on this one core
     it = train_data.make_train_iterator(cfg, global_batch_size=batch, image_size=image_size, context_length=77,
-                                      seed=0, process_index=0, process_count=1)
+                                        seed=0, process_index=0, process_count=1, seq_len=seq_len,
+                                        patch_size=patch_size)
     try:
         next(it)  # worker start-up is not throughput
         n = max(1, passes * num_images // batch)
@@ -149,7 +154,7 @@ def time_pipeline(folder: str, *, workers: int, draft: bool, image_size: int, ba
         for _ in range(n):
             b = next(it)
         dt, dc = time.perf_counter() - t, time.process_time() - c
-        assert b["image"].shape[0] == batch
+        assert b["text"].shape[0] == batch
     finally:
         it.close()
     return n * batch / dt, 1e3 * dc / (n * batch)
@@ -162,6 +167,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the multi-worker row")
     p.add_argument("--passes", type=int, default=2, help="epochs timed per measurement")
+    p.add_argument("--naflex_len", type=int, default=256, help="patch budget of the NaFlex row (0: no such row)")
+    p.add_argument("--patch_size", type=int, default=16, help="patch size of the NaFlex row")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats; each row reports its best")
     p.add_argument("--tokenizer", default="bytes", choices=("bytes", "clip"))
     p.add_argument("--dir", default="", help="where to write the shards (default: a temporary folder)")
@@ -189,6 +196,9 @@ def main(argv: list[str]) -> int:
                       ("webdataset random access, draft decode", a.workers, True, random_access),
                       (f"webdataset stream, bucket +{a.latency_ms:g} ms a request", a.workers, True,
                        dict(source="webdataset", mode="stream", folder="slowbucket://" + os.path.abspath(tars)))]
+        if a.naflex_len:
+            cases.append((f"NaFlex pipeline ({a.naflex_len} patches of {a.patch_size}), draft decode", 0, True,
+                          dict(seq_len=a.naflex_len, patch_size=a.patch_size)))
         best_ips, best_cpu = [0.0] * len(cases), [float("inf")] * len(cases)
         for _ in range(a.rounds):  # interleaved, so drifting machine load hits every row alike
             for i, (_, workers, draft, where) in enumerate(cases):
@@ -208,6 +218,8 @@ def main(argv: list[str]) -> int:
             rows[4]["per_core_vs_arrayrecord"] = best_cpu[1] / best_cpu[4]
             for r in rows[5:]:
                 r["vs_arrayrecord"] = r["images_per_s"] / rows[3]["images_per_s"]
+        if a.naflex_len:  # per core against the fixed-resolution pipeline (same decode, same draft)
+            rows[-1]["per_core_vs_fixed"] = best_cpu[1] / best_cpu[-1]
     emit(rows, a.json)
     if not a.json:
         from clipjax.bench.table import cpu_model

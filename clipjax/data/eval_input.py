@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from clipjax.data import naflex
 from clipjax.data import sources as sources_lib
 from clipjax.data import transforms
 from clipjax.data.loading import (DATASET_OPTIONS, SYNC_READ, LazyTokenizer, decode_or_none, mp_options,
@@ -17,14 +18,18 @@ from clipjax.data.loading import (DATASET_OPTIONS, SYNC_READ, LazyTokenizer, dec
 class _EvalElement:
     """Process-local position -> one centre-cropped example with all its captions (or padding)."""
 
-    def __init__(self, source, *, process_index: int, process_count: int, opts: transforms.ImageOptions,
+    def __init__(self, source, *, process_index: int, process_count: int,
+                 opts: transforms.ImageOptions | naflex.NaflexOptions,
                  tokenizer: LazyTokenizer, max_captions: int):
         self.source, self.opts, self.tokenizer, self.max_captions = source, opts, tokenizer, int(max_captions)
         self.records = sources_lib.shard_positions(len(source), process_index, process_count)
+        nf = isinstance(opts, naflex.NaflexOptions)
+        self.image_fn = naflex.eval_patches if nf else transforms.eval_image
+        self.empty = naflex.empty_patches(opts.seq_len, opts.patch_size) if nf else transforms.empty_region()
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         k, L = self.max_captions, self.tokenizer.context_length
-        out = {**transforms.empty_region(), "text": np.zeros((k, L), np.int32),
+        out = {**self.empty, "text": np.zeros((k, L), np.int32),
                "text_mask": np.zeros((k,), bool), "label": np.int32(-1), "mask": np.False_, "bad": np.False_}
         if position >= len(self.records):
             return out  # padding of the final batch
@@ -36,18 +41,12 @@ class _EvalElement:
         if captions:
             out["text"][: len(captions)] = tok(captions)
             out["text_mask"][: len(captions)] = True
-        fields = decode_or_none(transforms.eval_image, ex["image"], self.opts)
+        fields = decode_or_none(self.image_fn, ex["image"], self.opts)
         if fields is None:
             out["bad"] = np.True_  # kept as a masked row so positions stay aligned
         else:
             out.update(fields, mask=np.True_)
         return out
-
-
-def _batch_eval(rows: list[dict[str, np.ndarray]], buffer_size: int) -> dict[str, np.ndarray]:
-    batch = transforms.batch_regions(rows, buffer_size)
-    batch.update({key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in ("pixels", *batch)})
-    return batch
 
 
 class EvalIterator:
@@ -88,14 +87,16 @@ class EvalIterator:
 def make_eval_iterator(data_cfg_or_source_spec: Any, *, split: str, batch_size: int, image_size: int,
                        context_length: int, max_captions: int, process_index: int | None = None,
                        process_count: int | None = None, mesh=None, num_workers: int | None = None,
-                       tokenizer: str | None = None, bpe_path: str | None = None) -> EvalIterator:
+                       tokenizer: str | None = None, bpe_path: str | None = None, seq_len: int = 0,
+                       patch_size: int = 0) -> EvalIterator:
     """One unshuffled pass over ``split`` with centre crops and all captions.
 
     ``data_cfg_or_source_spec``: a ``config.data`` dict or a string such as
     "synthetic:DIR", "arrayrecord:DIR", "tfds:NAME[@DATA_DIR]". ``batch_size`` is
     global: each process yields ``batch_size // process_count`` rows per batch.
     Examples are split ``process_index::process_count``; the final batch is padded
-    (``mask`` False). Captions beyond ``max_captions`` are dropped.
+    (``mask`` False). Captions beyond ``max_captions`` are dropped. With ``seq_len`` > 0 the images are
+    whole NaFlex images of at most ``seq_len`` patches of ``patch_size`` (``data.naflex``).
     """
     from clipjax.data.config import data_config
 
@@ -107,7 +108,7 @@ def make_eval_iterator(data_cfg_or_source_spec: Any, *, split: str, batch_size: 
         raise ValueError(f"batch_size={batch_size} is not divisible by process_count={pc}")
     local_batch = batch_size // pc
     source = sources_lib.open_source(spec, split)
-    opts = transforms.ImageOptions.from_config(cfg, image_size)
+    opts = naflex.image_options(cfg, image_size, seq_len, patch_size)
     tok = LazyTokenizer(tokenizer or cfg["tokenizer"], context_length,
                          bpe_path if bpe_path is not None else cfg["bpe_path"])
     fn = _EvalElement(source, process_index=pi, process_count=pc, opts=opts, tokenizer=tok,
@@ -120,5 +121,5 @@ def make_eval_iterator(data_cfg_or_source_spec: Any, *, split: str, batch_size: 
     workers = int(cfg["num_workers"] if num_workers is None else num_workers)
     if workers > 0:
         ds = ds.mp_prefetch(mp_options(workers, 2))
-    ds = ds.batch(local_batch, batch_fn=functools.partial(_batch_eval, buffer_size=opts.buffer_size))
+    ds = ds.batch(local_batch, batch_fn=functools.partial(transforms.batch_rows, buffer_size=getattr(opts, "buffer_size", 0)))
     return EvalIterator(ds, num_batches=num_batches, mesh=mesh)

@@ -17,16 +17,21 @@ Batch fields (``IMAGE_KEYS``)::
     image      uint8   [B, P, P, 3]  pixels, valid in [:h, :w]
     image_box  float32 [B, 4]        crop (top, left, bottom, right) in buffer pixels
     image_hw   int32   [B, 2]        valid extent (h, w) of the buffer
+
+or, for NaFlex (``NAFLEX_KEYS``, the host half in ``naflex.py``), uint8 flattened
+patches at native aspect ratio with their grid coordinates and validity, which
+only need normalising here.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 IMAGE_KEYS = ("image", "image_box", "image_hw")
+NAFLEX_KEYS = ("patches", "patch_yx", "patch_valid")
 
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -64,9 +69,15 @@ def support(interpolation: str) -> float:
 def axis_weights(lo: jax.Array, hi: jax.Array, valid: jax.Array, out_size: int, in_size: int,
                  interpolation: str) -> jax.Array:
     """``[out_size, in_size]`` resampling matrix for source span [lo, hi) with ``valid`` pixels."""
+    return tap_weights(jnp.arange(out_size, dtype=jnp.float32), out_size, lo, hi, valid, in_size, interpolation)
+
+
+def tap_weights(out_O: jax.Array, out_size, lo, hi, valid, in_size: int, interpolation: str) -> jax.Array:
+    """``[O, in_size]``: the filter taps of output pixels ``out_O`` of ``out_size`` (which may be traced:
+    NaFlex gathers each patch's row of an image-specific resize) over source span [lo, hi)."""
     kernel, _ = KERNELS[interpolation]
     scale = (hi - lo) / out_size
-    centre_O = lo + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+    centre_O = lo + (out_O + 0.5) * scale
     j_I = jnp.arange(in_size, dtype=jnp.float32)
     if kernel is None:  # Pillow's nearest: the source pixel under each output pixel's centre
         src_O = jnp.clip(jnp.floor(centre_O), 0, valid - 1)
@@ -113,13 +124,20 @@ def normalise(pixels: jax.Array, norm: str = "openai") -> jax.Array:
 
 
 def image_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The ``IMAGE_KEYS`` part of a batch."""
-    return {key: batch[key] for key in IMAGE_KEYS}
+    """The image part of a batch: its ``NAFLEX_KEYS`` when it has them, else its ``IMAGE_KEYS``."""
+    return {key: batch[key] for key in (NAFLEX_KEYS if NAFLEX_KEYS[0] in batch else IMAGE_KEYS)}
 
 
 def model_images(batch: Mapping[str, jax.Array], size: int, interpolation: str = "bicubic",
-                 norm: str = "openai") -> jax.Array:
-    """The model's float32 ``[B, size, size, 3]`` input from a batch's ``IMAGE_KEYS`` fields."""
+                 norm: str = "openai", dtype: Any = jnp.float32) -> Any:
+    """The image tower's input from a batch's image fields: ``[B, size, size, 3]`` from ``IMAGE_KEYS``,
+    or from ``NAFLEX_KEYS`` the same mapping with normalised patches (zero on padding); normalised with
+    ``NORMS[norm]``, in ``dtype``."""
+    if NAFLEX_KEYS[0] in batch:
+        patches_BLK, valid_BL = batch["patches"], batch["patch_valid"]
+        pixels_BLQ3 = patches_BLK.astype(jnp.float32).reshape(*patches_BLK.shape[:2], -1, 3)
+        patches_BLK = normalise(pixels_BLQ3, norm).reshape(patches_BLK.shape)
+        return {**batch, "patches": jnp.where(valid_BL[..., None], patches_BLK, 0.0).astype(dtype)}
     pixels = crop_resize(batch["image"], batch["image_box"], batch["image_hw"], size, interpolation)
-    return normalise(pixels, norm)
+    return normalise(pixels, norm).astype(dtype)
 

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 from grain.experimental import index_shuffle
 
+from clipjax.data import naflex
 from clipjax.data import sources as sources_lib
 from clipjax.data import transforms
 from clipjax.data.locca import DecoderTargets
@@ -63,7 +64,7 @@ class _TrainElement:
     """Stream position -> one prepared example (runs in grain workers; picklable)."""
 
     def __init__(self, source, *, seed: int, shuffle: bool, process_index: int, process_count: int,
-                 opts: transforms.ImageOptions, tokenizer: LazyTokenizer, caption_choice: str,
+                 opts: transforms.ImageOptions | naflex.NaflexOptions, tokenizer: LazyTokenizer, caption_choice: str,
                  decoder: DecoderTargets | None = None):
         self.source, self.seed, self.shuffle = source, int(seed), bool(shuffle)
         self.num_records = len(source)
@@ -74,6 +75,7 @@ class _TrainElement:
                             f"{process_index} of {process_count}; convert more data into it (clipjax-data convert)")
         self.opts, self.tokenizer, self.caption_choice = opts, tokenizer, caption_choice
         self.decoder = decoder
+        self.image_fn = naflex.train_patches if isinstance(opts, naflex.NaflexOptions) else transforms.train_image
         self._cached_epoch, self._cached_permutation = -1, np.zeros((0,), np.int64)
 
     def record_of(self, position: int) -> tuple[int, int]:
@@ -107,23 +109,25 @@ class _TrainElement:
         decoder_rng = None
         if self.decoder is not None:
             decoder_rng = np.random.default_rng([self.seed, epoch, record, _DECODER_STREAM])
-        return prepare_example(ex, rng, self.opts, self.tokenizer, self.caption_choice, self.decoder, decoder_rng)
+        return prepare_example(ex, rng, self.opts, self.tokenizer, self.caption_choice, self.decoder, decoder_rng,
+                               self.image_fn)
 
 
 def prepare_example(ex: dict[str, Any], rng: np.random.Generator, opts: transforms.ImageOptions,
                     tokenizer: LazyTokenizer, caption_choice: str, decoder: Any = None,
-                    decoder_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                    decoder_rng: np.random.Generator | None = None,
+                    image_fn: Any = transforms.train_image) -> dict[str, np.ndarray]:
     """A source item's train fields (crop pixels, box, tokens; the decoder's targets when ``decoder``
-    is given), ``ok`` False when it must be skipped."""
+    is given; ``image_fn`` cuts the image: a crop, or NaFlex patches), ``ok`` False when it must be skipped."""
     captions = ex["captions"]
-    fields = decode_or_none(transforms.train_image, ex["image"], rng, opts) if captions else None
+    fields = decode_or_none(image_fn, ex["image"], rng, opts) if captions else None
     if fields is None:
         return {"ok": np.False_}
     k = int(rng.integers(len(captions))) if caption_choice == "random" else 0
     fields["text"] = tokenizer.get()([captions[k]])[0].astype(np.int32)
+    crop_xyxy = fields.pop("crop_xyxy", None)  # only the decoder's targets need it: no batch field
     if decoder is not None:
-        fields.update(decoder.build(fields["text"], ex.get("regions") or (), fields["crop_xyxy"], tokenizer.get(),
-                                    decoder_rng))
+        fields.update(decoder.build(fields["text"], ex.get("regions") or (), crop_xyxy, tokenizer.get(), decoder_rng))
     fields["ok"] = np.True_
     return fields
 
@@ -137,39 +141,37 @@ class _TrainTask:
     def __call__(self, task: int) -> dict[str, np.ndarray]:
         start = task * _ROWS_PER_TASK
         rows = [self.fn(p) for p in range(start, start + _ROWS_PER_TASK)]
-        n, length = len(rows), self.fn.tokenizer.context_length
-        packed = {"ok": np.asarray([bool(r["ok"]) for r in rows]), "image_hw": np.zeros((n, 2), np.int32),
-                  "image_box": np.zeros((n, 4), np.float32), "text": np.zeros((n, length), np.int32)}
-        keys = ["image_hw", "image_box", "text"]
-        if self.fn.decoder is not None:
-            keys += list(DECODER_KEYS)
-            packed["dec_ids"] = np.zeros((n, self.fn.decoder.length), np.int32)
-            packed["dec_target"] = np.zeros((n, self.fn.decoder.length), bool)
-        ok_rows = [(i, r) for i, r in enumerate(rows) if r["ok"]]
-        pixels = np.empty((sum(r["pixels"].size for _, r in ok_rows),), np.uint8)
-        offset = 0
-        for i, r in ok_rows:
-            for key in keys:
-                packed[key][i] = r[key]
-            size = r["pixels"].size
-            pixels[offset:offset + size].reshape(r["pixels"].shape)[...] = r["pixels"]  # the only copy
-            offset += size
-        packed["pixels"] = pixels
+        ok_rows = [r for r in rows if r["ok"]]
+        packed = {"ok": np.asarray([bool(r["ok"]) for r in rows])}
+        # Fixed-shape fields are stacked (good rows only); crop pixels, whose size varies, are concatenated.
+        for key in (k for k in (ok_rows[0] if ok_rows else ()) if k not in ("ok", "pixels")):
+            packed[key] = np.stack([r[key] for r in ok_rows])
+        if ok_rows and "pixels" in ok_rows[0]:
+            pixels = np.empty((sum(r["pixels"].size for r in ok_rows),), np.uint8)
+            offset = 0
+            for r in ok_rows:
+                size = r["pixels"].size
+                pixels[offset:offset + size].reshape(r["pixels"].shape)[...] = r["pixels"]  # the only copy
+                offset += size
+            packed["pixels"] = pixels
         return packed
 
 
 def _unpack(task: dict[str, np.ndarray]) -> list[dict[str, np.ndarray] | None]:
     """Inverse of ``_TrainTask``'s packing: one row per position, None where it was skipped."""
     rows: list[dict[str, np.ndarray] | None] = []
-    offset = 0
-    for i, ok in enumerate(task["ok"]):
+    offset, j = 0, 0  # into the pixels, into the stacked fields
+    for ok in task["ok"]:
         if not ok:
             rows.append(None)
             continue
-        h, w = (int(v) for v in task["image_hw"][i])
-        rows.append({"pixels": task["pixels"][offset:offset + h * w * 3].reshape(h, w, 3),
-                     **{k: task[k][i] for k in ("image_hw", "image_box", "text", *DECODER_KEYS) if k in task}})
-        offset += h * w * 3
+        row = {key: value[j] for key, value in task.items() if key not in ("ok", "pixels")}
+        if "pixels" in task:
+            h, w = (int(v) for v in row["image_hw"])
+            row["pixels"] = task["pixels"][offset:offset + h * w * 3].reshape(h, w, 3)
+            offset += h * w * 3
+        rows.append(row)
+        j += 1
     return rows
 
 
@@ -218,11 +220,7 @@ class _TrainBatches(grain.DatasetIterator):
                 self._check_skips()
                 continue
             rows.append(row)
-        batch: dict[str, Any] = transforms.batch_regions(rows, self.element_fn.opts.buffer_size)
-        for key in ("text", *DECODER_KEYS):
-            if key in rows[0]:
-                batch[key] = np.stack([r[key] for r in rows])
-        return batch
+        return transforms.batch_rows(rows, getattr(self.element_fn.opts, "buffer_size", 0))
 
     def _check_skips(self) -> None:
         seen = self._position
@@ -254,8 +252,9 @@ class TrainIterator:
 
     Yields ``{"image": uint8 [b, P, P, 3], "image_box": float32 [b, 4], "image_hw": int32 [b, 2],
     "text": int32 [b, L]}`` (the image fields are described in ``resize.py``, which
-    turns them into model input on the device), and with decoder targets ``"dec_ids": int32
-    [b, N]``, ``"dec_target": bool [b, N]`` (``data.locca``). ``b`` is the per-process batch as
+    turns them into model input on the device), or NaFlex fields (``models.naflex``) in place of the
+    image's, and with decoder targets ``"dec_ids": int32 [b, N]``, ``"dec_target": bool [b, N]``
+    (``data.locca``). ``b`` is the per-process batch as
     numpy, or the global batch as ``jax.Array`` sharded over the batch axes when a
     mesh was given. Save with the weights via ``save_args`` / ``restore_args``.
     """
@@ -339,13 +338,15 @@ class TrainIterator:
 
 def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
                         mesh=None, process_index: int | None = None, process_count: int | None = None,
-                        decoder: DecoderTargets | None = None) -> TrainIterator:
+                        decoder: DecoderTargets | None = None, seq_len: int = 0, patch_size: int = 0) -> TrainIterator:
     """The endless, shuffled, augmented training stream of ``data_cfg.train_split``.
 
     ``process_index`` / ``process_count`` default to jax's; each process yields
     ``global_batch_size // process_count`` examples per batch (drop remainder: an
     endless stream has none). With ``decoder`` each example also carries its LocCa
     targets (``dec_ids``, ``dec_target``; see ``data.locca``).
+    With ``seq_len`` > 0 the images are NaFlex patches (``data.naflex``: at most ``seq_len``
+    patches of ``patch_size``) instead of crops.
     """
     from clipjax.data.config import validate_data_config
 
@@ -356,7 +357,7 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0")
     local_batch = global_batch_size // pc
-    opts = transforms.ImageOptions.from_config(data_cfg, image_size)
+    opts = naflex.image_options(data_cfg, image_size, seq_len, patch_size)
     tokenizer = LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path)
     if data_cfg.source == "webdataset" and data_cfg.webdataset.mode == "stream":
         raise ValueError("data.webdataset.mode='stream' is read by clipjax.data.train_data.make_train_iterator")
@@ -370,3 +371,4 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
                             max_skip_fraction=data_cfg.max_skip_fraction,
                             skip_check_after=data_cfg.skip_check_after, source_name=repr(source))
     return TrainIterator(batches, prefetch=int(data_cfg.prefetch), mesh=mesh)
+

@@ -182,6 +182,14 @@ def _cut_with_crop(img: Image.Image, box: Box, opts: ImageOptions) -> dict[str, 
     return fields
 
 
+def batch_rows(rows: Sequence[Mapping[str, np.ndarray]], buffer_size: int) -> dict[str, np.ndarray]:
+    """A batch from prepared rows: crops padded into the ``buffer_size`` buffer (``batch_regions``) when
+    rows carry pixels, every other field stacked."""
+    batch = batch_regions(rows, buffer_size) if "pixels" in rows[0] else {}
+    batch.update({key: np.stack([r[key] for r in rows]) for key in rows[0] if key not in ("pixels", *batch)})
+    return batch
+
+
 def train_image(image: bytes | np.ndarray, rng: np.random.Generator, opts: ImageOptions) -> dict[str, np.ndarray]:
     """Decode and draw a random resized crop (``cut_region``'s output and ``crop_xyxy``)."""
     img = to_rgb(image, opts.draft_size)

@@ -301,7 +301,7 @@ class StreamBatches(train_input._TrainBatches):
             self._pending.extend(rows)
         self._task_used += 1
         row = self._pending.popleft()
-        return row if row["ok"] else None
+        return {k: v for k, v in row.items() if k != "ok"} if row["ok"] else None
 
     def get_state(self) -> dict[str, Any]:
         stream = self._task_state or (self._stream.state() if self._stream else None)

@@ -68,7 +68,8 @@ def global_batches(config, entry, data_cfg, mesh, *, batch_size: int, max_captio
     it = eval_input.make_eval_iterator(
         data_cfg, split=split, batch_size=batch_size, image_size=config.model.image.image_size,
         context_length=config.model.text.context_length, max_captions=max_captions,
-        num_workers=entry.num_workers, mesh=mesh)
+        num_workers=entry.num_workers, mesh=mesh, seq_len=config.model.image.seq_len,
+        patch_size=config.model.image.patch_size)
     limit = -(-entry.max_examples // batch_size) if entry.max_examples else None
     try:
         for i, batch in enumerate(it):

@@ -36,8 +36,9 @@ class Encoders:
         dtype, image_size = jnp.dtype(model_cfg.dtype), model_cfg.image.image_size
 
         def encode_image(params, crops):
-            images = resize.model_images(crops, image_size, interpolation, model_cfg.image.get("norm", "openai"))
-            return model.apply({"params": params}, images.astype(dtype), method=CLIP.encode_image).astype(jnp.float32)
+            images = resize.model_images(crops, image_size, interpolation, model_cfg.image.get("norm", "openai"),
+                                         dtype)
+            return model.apply({"params": params}, images, method=CLIP.encode_image).astype(jnp.float32)
 
         def encode_text(params, ids):
             return model.apply({"params": params}, ids, method=CLIP.encode_text).astype(jnp.float32)

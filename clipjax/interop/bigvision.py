@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from clipjax.interop import blocks
+from clipjax.interop import bigvision_naflex, blocks
 from clipjax.interop.blocks import WeightsError
 
 # clipjax block param -> big_vision encoderblock param.
@@ -187,16 +187,23 @@ def state_dict_from_params(params: Any, m: ml_collections.ConfigDict, *, scanned
 
 
 def import_weights(path: str, *, scan: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
-    """``(config.model, params)`` from a big_vision SigLIP / SigLIP 2 ``.npz``."""
-    flat = read_npz(path)
+    """``(config.model, params)`` from a big_vision SigLIP / SigLIP 2 ``.npz`` (``naflex_vit`` image towers
+    too: ``bigvision_naflex``)."""
+    flat, seq_len = read_npz(path), 0
+    if bigvision_naflex.is_naflex(flat):
+        flat, seq_len = bigvision_naflex.to_vit(flat)
     m = model_config_from_npz(flat, scan=scan)
+    m.image.seq_len = seq_len
     return m, params_from_npz(flat, m)
 
 
 def export_weights(params: Any, model_config: ml_collections.ConfigDict, path: str, *, scanned: bool = False,
                    prefix: bool = True) -> None:
-    """Writes ``params`` as a big_vision ``.npz`` (``params/`` prefixed unless ``prefix=False``)."""
+    """Writes ``params`` as a big_vision ``.npz`` (``params/`` prefixed unless ``prefix=False``); a NaFlex
+    model (``model.image.seq_len`` > 0) with a ``naflex_vit`` image tower."""
     out = state_dict_from_params(params, model_config, scanned=scanned)
+    if model_config.image.get("seq_len", 0) > 0:
+        out = bigvision_naflex.from_vit(out)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         np.savez(f, **{("params/" if prefix else "") + k: v for k, v in out.items()})

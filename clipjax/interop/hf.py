@@ -1,4 +1,8 @@
-"""transformers ``CLIPModel`` and ``SiglipModel`` weights in and out of clipjax (numpy; no torch needed).
+"""transformers ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model`` weights in and out of clipjax (numpy; no torch).
+
+``Siglip2Model`` is SigLIP with NaFlex input: a clipjax SigLIP model with ``model.image.seq_len`` > 0
+exports as one (its patch embedding a Linear over flattened patches), and imports with ``seq_len`` set to
+the position grid's size, the processor's default budget.
 
 ``import_weights(source)`` reads a ``save_pretrained`` directory (``config.json`` and
 ``model.safetensors``, or a sharded ``model.safetensors.index.json``), or a
@@ -37,6 +41,8 @@ _DEFAULTS = {
                "text": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
                         "eos_token_id": 1, "pad_token_id": 1}},
 }
+_DEFAULTS["siglip2"] = _DEFAULTS["siglip"]
+_SIGLIPS = ("siglip", "siglip2")
 _BLOCK = blocks.TorchBlock(ln_attn="layer_norm1", attn="self_attn.", fused=False, ln_mlp="layer_norm2",
                            fc="mlp.fc1", proj="mlp.fc2")
 _LAYERS = {"image": "vision_model.encoder.layers.", "text": "text_model.encoder.layers."}
@@ -71,7 +77,10 @@ TABLES = {
         ("logit_bias", "logit_bias", "1"),
     ),
 }
-ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+# Siglip2Model: SiglipModel's tensors, the patch embedding a Linear over flattened (py, px, c) patches.
+_PATCH = "vision_model.embeddings.patch_embedding.weight"
+TABLES["siglip2"] = tuple((k, ours, "T" if k == _PATCH else how) for k, ours, how in TABLES["siglip"])
+ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 
 
 # --------------------------------------------------------------------------- files
@@ -118,9 +127,6 @@ def read_files(source: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def _model_type(config: Mapping[str, Any]) -> str:
     kind = config.get("model_type")
-    if kind == "siglip2":
-        raise WeightsError("model_type 'siglip2' is the NaFlex Siglip2Model, which clipjax does not load yet; "
-                           "SigLIP 2's fixed-resolution checkpoints are SiglipModels (model_type 'siglip')")
     if kind not in ARCHITECTURES:
         raise WeightsError(f"config.json model_type={kind!r}: clipjax reads {sorted(ARCHITECTURES)}")
     return kind
@@ -157,18 +163,20 @@ def model_config_from_hf(config: Mapping[str, Any], sd: Mapping[str, np.ndarray]
     if missing:
         raise WeightsError(f"not a transformers {ARCHITECTURES[kind]} state_dict: missing {missing[:6]}")
     m = base_config().model
-    conv = sd["vision_model.embeddings.patch_embedding.weight"]  # [D, C, p, p]
-    patch, rows = int(conv.shape[2]), int(sd["vision_model.embeddings.position_embedding.weight"].shape[0])
+    conv = sd[_PATCH]  # [D, C, p, p]; Siglip2's Linear [D, p p C]
+    rows = int(sd["vision_model.embeddings.position_embedding.weight"].shape[0])
+    patch = int(conv.shape[2]) if conv.ndim == 4 else math.isqrt(int(conv.shape[1]) // 3)
     grid = math.isqrt(rows - (kind == "clip"))
     vocab, text_width = sd["text_model.embeddings.token_embedding.weight"].shape
     depth = {tower: len({int(mt.group(1)) for k in sd if (mt := re.match(re.escape(pre) + r"(\d+)\.", k))})
              for tower, pre in _LAYERS.items()}
-    siglip = kind == "siglip"
+    siglip = kind in _SIGLIPS
     m.embed_dim = int((sd["text_model.head.weight"] if siglip else sd["text_projection.weight"]).shape[0])
     m.image.update(width=int(conv.shape[0]), depth=depth["image"], heads=int(v["num_attention_heads"]),
                    mlp_dim=int(sd[_LAYERS["image"] + "0.mlp.fc1.weight"].shape[0]), patch_size=patch,
                    image_size=grid * patch, pool="map" if siglip else "tok", class_token=not siglip,
-                   ln_pre=not siglip, patch_bias=siglip, proj=not siglip, norm="siglip" if siglip else "openai")
+                   ln_pre=not siglip, patch_bias=siglip, proj=not siglip, norm="siglip" if siglip else "openai",
+                   seq_len=rows if kind == "siglip2" else 0)
     m.text.update(width=int(text_width), depth=depth["text"], heads=int(t["num_attention_heads"]),
                   mlp_dim=int(sd[_LAYERS["text"] + "0.mlp.fc1.weight"].shape[0]), vocab_size=int(vocab),
                   context_length=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
@@ -188,7 +196,8 @@ def model_config_from_hf(config: Mapping[str, Any], sd: Mapping[str, np.ndarray]
 
 
 def _kind(m: ml_collections.ConfigDict) -> str:
-    """'siglip' or 'clip': the transformers class that expresses ``m`` (WeightsError naming what does not fit)."""
+    """'siglip', 'siglip2' (NaFlex) or 'clip': the transformers class that expresses ``m`` (WeightsError
+    naming what does not fit)."""
     i, t = m.image, m.text
     siglip = dict(class_token=False, ln_pre=False, patch_bias=True, pool="map", proj=False)
     siglip_text = dict(causal=False, pad_mask=False, pool="final", proj_bias=True)
@@ -207,6 +216,8 @@ def _kind(m: ml_collections.ConfigDict) -> str:
         raise WeightsError(f"cannot export to transformers' {ARCHITECTURES[kind]} (the model "
                            f"{'has' if kind == 'siglip' else 'has no'} logit bias): {'; '.join(bad)}; "
                            f"it needs {spelled}")
+    if kind == "siglip" and i.get("seq_len", 0) > 0:
+        return "siglip2"
     return kind
 
 
@@ -226,9 +237,12 @@ def hf_config(m: ml_collections.ConfigDict, *, pad_id: int | None = None) -> dic
             "attention_dropout": 0.0, "pad_token_id": int(t.pad_id if pad_id is None else pad_id),
             "eos_token_id": int(2 if eot is None else eot)}
     cfg: dict[str, Any] = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "dtype": "float32"}
-    if kind == "siglip":
-        vision["model_type"], text["model_type"] = "siglip_vision_model", "siglip_text_model"
+    if kind in _SIGLIPS:
+        vision["model_type"], text["model_type"] = f"{kind}_vision_model", f"{kind}_text_model"
         text["projection_size"] = int(m.embed_dim)
+    if kind == "siglip2":  # no image size: the position grid's cells and the patch size say it all
+        vision["num_patches"] = (int(i.image_size) // int(i.patch_size)) ** 2
+        del vision["image_size"]
     else:
         vision["model_type"], text["model_type"] = "clip_vision_model", "clip_text_model"
         vision["projection_dim"] = text["projection_dim"] = int(m.embed_dim)
@@ -288,7 +302,7 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], m: ml_collections.Confi
         tm = m[tower]
         layers = [blocks.block_from_torch(sd, f"{prefix}{n}.", _BLOCK, tm.heads) for n in range(tm.depth)]
         flat.update(blocks.prefixed(f"{tower}/transformer/", blocks.stack(layers, m.scan)))
-    if kind == "siglip":
+    if kind in _SIGLIPS:
         head = "vision_model.head."
         flat.update(blocks.prefixed("image/map_head/attn/",
                                     blocks.attention_from_torch(sd, head + "attention.", True, m.image.heads)))
@@ -308,7 +322,7 @@ def state_dict_from_params(params: Any, m: ml_collections.ConfigDict, *, check: 
     for tower, prefix in _LAYERS.items():
         for n, block in enumerate(blocks.unstack(blocks.sub(flat, f"{tower}/transformer/"), m[tower].depth, m.scan)):
             sd.update(blocks.block_to_torch(block, f"{prefix}{n}.", _BLOCK))
-    if kind == "siglip":
+    if kind in _SIGLIPS:
         head = "vision_model.head."
         sd.update(blocks.attention_to_torch(blocks.sub(flat, "image/map_head/attn/"), head + "attention.", True))
         sd.update(blocks.mlp_to_torch(blocks.sub(flat, "image/map_head/mlp/"), head + "mlp.fc1", head + "mlp.fc2"))
@@ -336,6 +350,11 @@ def preprocessor_config(m: ml_collections.ConfigDict, kind: str) -> dict[str, An
 
     size = int(m.image.image_size)
     mean, std = resize.NORMS[m.image.get("norm", "openai")]
+    if kind == "siglip2":  # NaFlex: the whole image at its aspect ratio, at most seq_len patches
+        return {"image_processor_type": "Siglip2ImageProcessor", "processor_class": "Siglip2Processor",
+                "do_resize": True, "resample": 3, "patch_size": int(m.image.patch_size),
+                "max_num_patches": int(m.image.seq_len), "do_rescale": True, "rescale_factor": 1 / 255,
+                "do_normalize": True, "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": True}
     return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor" if kind == "clip"
             else "SiglipProcessor", "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
             "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
@@ -355,7 +374,8 @@ def export_weights(params: Any, model_config: ml_collections.ConfigDict, out_dir
     pad_id = None
     if tokenizer:
         pad_id = tokenizer_lib.save_hf_files(tokenizer, out_dir, context_length=int(model_config.text.context_length),
-                                             processor="CLIPProcessor" if kind == "clip" else "SiglipProcessor")
+                                             processor={"clip": "CLIPProcessor", "siglip": "SiglipProcessor",
+                                                                        "siglip2": "Siglip2Processor"}[kind])
     write_state_dict(state_dict_from_params(params, model_config), os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(model_config, pad_id=pad_id), f, indent=2)
