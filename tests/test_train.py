@@ -65,7 +65,8 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(data_dir, tmp
             batch = next(self.inner)
             self.n += 1
             if self.n > 4:
-                batch["image_box"] = batch["image_box"] * np.nan  # NaN crop -> NaN images
+                with jax.transfer_guard("allow"):  # the poison is an implicit upload, which the loop's guard refuses
+                    batch["image_box"] = batch["image_box"] * np.nan  # NaN crop -> NaN images
             return batch
 
         def __getattr__(self, name):  # num_skipped, save_args, restore_args ...
