@@ -12,7 +12,7 @@ Fine-tune a released model: --config.checkpoint.init_from=HF_DIR or FILE.npz.
 """
 
 from clipjax.config import base_config, parse_arg
-from clipjax.models.sizes import RELEASES
+from clipjax.models.sizes import RELEASES, get_size
 
 
 def get_config(arg=None):
@@ -25,6 +25,7 @@ def get_config(arg=None):
     # projection; text attends to its pads, pooled at the final position, biased head; GELU tanh, eps 1e-6.
     m.image.update(pool="map", class_token=False, ln_pre=False, patch_bias=True, proj=False, norm="siglip")
     m.text.update(pool="final", causal=False, pad_mask=False, proj_bias=True)
+    m.embed_dim = get_size(a.model)["image"]["width"]  # no image projection: the embedding is its width
     m.act = "gelu_tanh"
     m.ln_eps = 1e-6
     releases = [r for r in RELEASES.get(a.model, ()) if r[0] == a.family]
