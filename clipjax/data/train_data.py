@@ -12,20 +12,22 @@ from clipjax.data.locca import DecoderTargets
 
 def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
                         mesh=None, process_index: int | None = None, process_count: int | None = None,
-                        decoder: DecoderTargets | None = None) -> train_input.TrainIterator:
+                        decoder: DecoderTargets | None = None, seq_len: int = 0,
+                        patch_size: int = 0) -> train_input.TrainIterator:
     """``train_input.make_train_iterator``'s stream, or for ``data.webdataset.mode='stream'`` the same
-    batches read shard by shard (``webdataset_stream``)."""
+    batches read shard by shard (``webdataset_stream``; crops only: no decoder targets, no NaFlex)."""
     kwargs = dict(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
                   seed=seed, mesh=mesh, process_index=process_index, process_count=process_count)
     if not (data_cfg.source == "webdataset" and data_cfg.webdataset.mode == "stream"):
-        return train_input.make_train_iterator(data_cfg, decoder=decoder, **kwargs)
+        return train_input.make_train_iterator(data_cfg, decoder=decoder, seq_len=seq_len, patch_size=patch_size,
+                                               **kwargs)
     from clipjax.data import webdataset_stream
     from clipjax.data.config import validate_data_config
     from clipjax.data.loading import process_slot
 
-    if decoder is not None:
-        raise ValueError("data.webdataset.mode='stream' builds no LocCa decoder targets; use "
-                         "data.webdataset.mode='random' with model.decoder.enabled")
+    if decoder is not None or seq_len:
+        raise ValueError("data.webdataset.mode='stream' builds crops only (no LocCa decoder targets, no NaFlex "
+                         "patches); use data.webdataset.mode='random' with model.decoder or model.image.seq_len")
     validate_data_config(data_cfg)
     pi, pc = process_slot(process_index, process_count)
     if global_batch_size % pc:
