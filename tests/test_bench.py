@@ -53,3 +53,28 @@ def test_train_suite_times_the_real_step_on_the_configs_devices(capsys, tmp_path
         assert r["step_s"] > 0 and r["samples_per_s"] == 16 / r["step_s"]
         assert 0 < r["mfu"] <= r["hfu"] and r["GFLOP_model/dev"] > 0 and r["peak_GiB"] > 0
         assert r["faults/step"] >= 0 and r["kernel_s/step"] >= 0
+
+
+def test_openclip_worker_starts_pinned_without_forking_jax(devices):
+    """The worker is pinned to the given cores, and starting it triggers no fork hook (JAX's deadlock warning)."""
+    import os
+    import warnings
+
+    from clipjax.bench import openclip_step, train
+
+    tower = {"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}
+    spec = {"embed_dim": 8, "act": "gelu", "batch": 2, "threads": 1, "warmup": 0, "max_logit_scale": 100.0,
+            "image": {**tower, "patch_size": 8, "image_size": 16, "pool": "tok", "ln_pre": True},
+            "text": {**tower, "context_length": 8, "vocab_size": 64, "causal": True,
+                     "pool": next(iter(openclip_step._TEXT_POOLS))},
+            "optim": {"lr": 1e-3, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "clip_norm": 1.0}}
+    core = min(os.sched_getaffinity(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker = train.OpenClipWorker(spec, {core})
+    try:
+        assert os.sched_getaffinity(worker.proc.pid) == {core}
+        assert worker.run(1) > 0
+    finally:
+        worker.close()
+    assert not [w for w in caught if "fork" in str(w.message)]
