@@ -8,9 +8,12 @@ from clipjax.bench import cli
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 
-def _rows(capsys, argv):
+def _rows(capsys, argv, err_lines=None):
     assert cli.main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    if err_lines is not None:
+        err_lines.extend(captured.err.splitlines())
+    out = json.loads(captured.out)
     assert out["environment"]["devices"] == 8
     return out["rows"]
 
@@ -34,9 +37,13 @@ def test_data_suite_times_each_case(capsys):
 
 
 def test_compile_suite_plans_each_mesh(capsys, tmp_path):
+    err = []
     rows = _rows(capsys, ["compile", f"--config={DEMO}:smoke,data={tmp_path}", "--mesh=data=8",
-                          "--mesh=data=2,fsdp=4", "--peak=1e12", "--json"])
+                          "--mesh=data=2,fsdp=4", "--peak=1e12", "--json"], err)
     assert [r["mesh"] for r in rows] == ["data 8", "data 2 x fsdp 4"]
+    # A stage line per mesh on stderr, so minutes of compiling are not silent.
+    assert [line for line in err if line.startswith("compiling the train step")] == [
+        f"compiling the train step for cpu:8, mesh {m} ..." for m in ("data=8", "data=2,fsdp=4")]
     for r in rows:
         assert r["batch"] == 32 and 0 < r["args_GiB"] <= r["peak_GiB"] and r["model_TFLOP"] > 0 and r["fits"]
     # fsdp shards the parameters and their Adam moments: fewer argument bytes per device.
