@@ -232,7 +232,7 @@ def plan(config, devices: Sequence[Any], *, peak_flops: float | None = None, ass
     model_flops = mfu_lib.clip_train_flops(config.model, config.train.batch_size) / len(devices)
     row: dict[str, Any] = {
         "model": config.model.size, "batch": config.train.batch_size, "devices": len(devices),
-        "device": kind, "mesh": _mesh_name(mesh), "loss": f"{config.loss.kind}/{config.loss.impl}",
+        "device": mfu_lib.device_name(kind), "mesh": _mesh_name(mesh), "loss": f"{config.loss.kind}/{config.loss.impl}",
         "remat": config.model.remat, "k": config.train.grad_accum,
     }
     t0 = time.perf_counter()

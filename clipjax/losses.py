@@ -22,7 +22,9 @@ impls (all exact; they differ in memory and communication)
 Every implementation makes one pass: local image rows against all text columns.
 Row statistics stay local; column statistics (the text-to-image log-sum-exp and
 the accuracy maxima) are merged across devices (allgather, chunked) or carried
-round the ring. Because rows and columns share indices, device k owns rows and
+round the ring. In-batch top-1 accuracy counts a pair right when the best match
+has the query's text key (``text_keys``): a caption identical to the positive is
+right too. Because rows and columns share indices, device k owns rows and
 columns ``k*b ... (k+1)*b - 1`` and finishes both halves of its loss terms.
 
 Dimension letters: B global batch, b local batch (B / n over n batch shards),
@@ -36,6 +38,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from clipjax import sharding
@@ -55,7 +58,8 @@ def _init_stats(size: int, kind: str, rows: bool) -> Stats:
     """Running statistics for ``size`` rows (or columns) of the logits."""
     neg_inf = jnp.full((size,), -jnp.inf, jnp.float32)
     zeros = jnp.zeros((size,), jnp.float32)
-    st = {"offmax": neg_inf}  # max off-diagonal logit (for top-1 accuracy)
+    # Top-1 accuracy: max logit over pairs with the same text key (pos) and with another (off).
+    st = {"posmax": neg_inf, "offmax": neg_inf}
     if rows:
         st["diag"] = zeros  # the positive logit L_ii
     if kind == "softmax":
@@ -77,14 +81,18 @@ def _logits(q_rE, k_cE, scale, bias):
     return sims_rc, scale * sims_rc + bias
 
 
-def _tile_fwd(kind: str, q_rE, k_cE, row_ids, col_ids, scale, bias, row: Stats, col: Stats) -> tuple[Stats, Stats]:
+def _tile_fwd(kind: str, q_rE, k_cE, row_ids, col_ids, row_keys, col_keys, scale, bias, row: Stats,
+              col: Stats) -> tuple[Stats, Stats]:
     """Folds the logits tile ``q k^T`` into the row and column statistics."""
     _, logits = _logits(q_rE, k_cE, scale, bias)
     diag = row_ids[:, None] == col_ids[None, :]
-    off = jax.lax.stop_gradient(jnp.where(diag, -jnp.inf, logits))
+    same = row_keys[:, None] == col_keys[None, :]
+    plain = jax.lax.stop_gradient(logits)
+    pos, off = jnp.where(same, plain, -jnp.inf), jnp.where(same, -jnp.inf, plain)
     row, col = dict(row), dict(col)
-    row["offmax"] = jnp.maximum(row["offmax"], jnp.max(off, axis=1))
-    col["offmax"] = jnp.maximum(col["offmax"], jnp.max(off, axis=0))
+    for st, axis in ((row, 1), (col, 0)):
+        st["posmax"] = jnp.maximum(st["posmax"], jnp.max(pos, axis=axis))
+        st["offmax"] = jnp.maximum(st["offmax"], jnp.max(off, axis=axis))
     row["diag"] = row["diag"] + jnp.sum(jnp.where(diag, logits, 0.0), axis=1)
     if kind == "softmax":
         row["m"], row["s"] = _lse_update(row["m"], row["s"], logits, 1)
@@ -115,8 +123,8 @@ def _finish(kind: str, row: Stats, col: Stats, batch: int) -> tuple[jax.Array, S
     ``row`` and ``col`` describe the same indices (this device's rows and columns).
     """
     out = {
-        "i2t_correct": jnp.sum(row["diag"] > row["offmax"]),
-        "t2i_correct": jnp.sum(row["diag"] > col["offmax"]),
+        "i2t_correct": jnp.sum(row["posmax"] > row["offmax"]),
+        "t2i_correct": jnp.sum(col["posmax"] > col["offmax"]),
     }
     if kind == "softmax":
         out["lse_r"] = row["m"] + jnp.log(row["s"])
@@ -174,10 +182,10 @@ def _metrics(partial_loss, out: Stats, x, y, batch: int, axes) -> tuple[jax.Arra
 # --------------------------------------------------------------------------- impls
 
 
-def _dense(kind, x, y, scale, bias):
+def _dense(kind, x, y, keys, scale, bias):
     batch = x.shape[0]
     ids = jnp.arange(batch)
-    row, col = _tile_fwd(kind, x, y, ids, ids, scale, bias, _init_stats(batch, kind, True),
+    row, col = _tile_fwd(kind, x, y, ids, ids, keys, keys, scale, bias, _init_stats(batch, kind, True),
                          _init_stats(batch, kind, False))
     partial, out = _finish(kind, row, col, batch)
     return _metrics(partial, out, x, y, batch, ())
@@ -186,7 +194,7 @@ def _dense(kind, x, y, scale, bias):
 def _merge_cols(kind: str, col_B: Stats, idx, b: int, axes) -> Stats:
     """Combines every device's statistics of all B columns; returns this device's b columns."""
     local = lambda a: jax.lax.dynamic_slice_in_dim(a, idx * b, b)
-    out = {"offmax": local(jax.lax.pmax(col_B["offmax"], axes))}
+    out = {k: local(jax.lax.pmax(col_B[k], axes)) for k in ("posmax", "offmax")}
     if kind == "softmax":
         m = jax.lax.pmax(jax.lax.stop_gradient(col_B["m"]), axes)
         out["s"] = jax.lax.psum_scatter(col_B["s"] * jnp.exp(col_B["m"] - m), axes, tiled=True)
@@ -206,20 +214,20 @@ def _zero_grads(x_bE) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros(x_bE.shape, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
 
-def _allgather_body(kind, axes, batch, x_bE, y_bE, scale, bias):
+def _allgather_body(kind, axes, batch, x_bE, y_bE, key_b, scale, bias):
     b, idx, row_ids = _local_rows(axes, x_bE)
-    y_BE = jax.lax.all_gather(y_bE, axes, tiled=True)
-    row, col_B = _tile_fwd(kind, x_bE, y_BE, row_ids, jnp.arange(batch), scale, bias,
+    y_BE, key_B = jax.lax.all_gather((y_bE, key_b), axes, tiled=True)
+    row, col_B = _tile_fwd(kind, x_bE, y_BE, row_ids, jnp.arange(batch), key_b, key_B, scale, bias,
                            _init_stats(b, kind, True), _init_stats(batch, kind, False))
     partial, out = _finish(kind, row, _merge_cols(kind, col_B, idx, b, axes), batch)
     return _metrics(partial, out, x_bE, y_bE, batch, axes)
 
 
-def _fwd_tile_fn(kind, x_bE, row_ids, scale, bias):
+def _fwd_tile_fn(kind, x_bE, row_ids, row_keys, scale, bias):
     def tile_fn(row, k_tiles, col, col_start):
-        (y_cE,) = k_tiles
+        y_cE, col_keys = k_tiles
         col_ids = col_start + jnp.arange(y_cE.shape[0])
-        return _tile_fwd(kind, x_bE, y_cE, row_ids, col_ids, scale, bias, row, col)
+        return _tile_fwd(kind, x_bE, y_cE, row_ids, col_ids, row_keys, col_keys, scale, bias, row, col)
 
     return tile_fn
 
@@ -239,10 +247,11 @@ def _loss_weight(kind: str, batch: int, g):
     return g / (2 * batch) if kind == "softmax" else g / batch
 
 
-def _chunked_fwd_body(kind, axes, batch, c, x_bE, y_bE, scale, bias):
+def _chunked_fwd_body(kind, axes, batch, c, x_bE, y_bE, key_b, scale, bias):
     b, idx, row_ids = _local_rows(axes, x_bE)
-    y_BE = jax.lax.all_gather(y_bE, axes, tiled=True)
-    row, col_B = _sweep(_fwd_tile_fn(kind, x_bE, row_ids, scale, bias), _init_stats(b, kind, True), (y_BE,),
+    y_BE, key_B = jax.lax.all_gather((y_bE, key_b), axes, tiled=True)
+    row, col_B = _sweep(_fwd_tile_fn(kind, x_bE, row_ids, key_b, scale, bias), _init_stats(b, kind, True),
+                        (y_BE, key_B),
                         _init_stats(batch, kind, False), 0, c)
     partial, out = _finish(kind, row, _merge_cols(kind, col_B, idx, b, axes), batch)
     loss, metrics = _metrics(partial, out, x_bE, y_bE, batch, axes)
@@ -286,10 +295,10 @@ def _ring_loop(n: int, axes, idx, b: int, c: int, tile_fn, row_carry, k_blocks: 
     return row_carry, send(col_carry) if n > 1 else col_carry
 
 
-def _ring_fwd_body(kind, axes, batch, c, x_bE, y_bE, scale, bias):
+def _ring_fwd_body(kind, axes, batch, c, x_bE, y_bE, key_b, scale, bias):
     b, idx, row_ids = _local_rows(axes, x_bE)
-    row, col = _ring_loop(batch // b, axes, idx, b, c, _fwd_tile_fn(kind, x_bE, row_ids, scale, bias),
-                          _init_stats(b, kind, True), (y_bE,), _init_stats(b, kind, False))
+    row, col = _ring_loop(batch // b, axes, idx, b, c, _fwd_tile_fn(kind, x_bE, row_ids, key_b, scale, bias),
+                          _init_stats(b, kind, True), (y_bE, key_b), _init_stats(b, kind, False))
     partial, out = _finish(kind, row, col, batch)
     loss, metrics = _metrics(partial, out, x_bE, y_bE, batch, axes)
     return loss, metrics, _residual_stats(kind, out, b)
@@ -322,24 +331,25 @@ def _streaming(kind: str, impl: str, mesh: Mesh, axes: tuple[str, ...], batch: i
     rows, rep = P(axes, None), P()
     res_spec = {"lse_r": P(axes), "lse_c": P(axes)}
     shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-    fwd_sharded = shard(functools.partial(fwd_body, kind, axes, batch, c), in_specs=(rows, rows, rep, rep),
+    fwd_sharded = shard(functools.partial(fwd_body, kind, axes, batch, c), in_specs=(rows, rows, P(axes), rep, rep),
                         out_specs=(rep, rep, res_spec))
     bwd_sharded = shard(functools.partial(bwd_body, kind, axes, batch, c),
                         in_specs=(rows, rows, rep, rep, res_spec, rep), out_specs=(rows, rows, rep, rep))
 
     @jax.custom_vjp
-    def loss_fn(x, y, scale, bias):
-        loss, metrics, _ = fwd_sharded(x, y, scale, bias)
+    def loss_fn(x, y, keys, scale, bias):
+        loss, metrics, _ = fwd_sharded(x, y, keys, scale, bias)
         return loss, metrics
 
-    def fwd(x, y, scale, bias):
-        loss, metrics, res = fwd_sharded(x, y, scale, bias)
+    def fwd(x, y, keys, scale, bias):
+        loss, metrics, res = fwd_sharded(x, y, keys, scale, bias)
         return (loss, metrics), (x, y, scale, bias, res)
 
     def bwd(saved, cotangents):
         x, y, scale, bias, res = saved
         g, _ = cotangents
-        return bwd_sharded(x, y, scale, bias, res, g)
+        dx, dy, ds, db = bwd_sharded(x, y, scale, bias, res, g)
+        return dx, dy, None, ds, db
 
     loss_fn.defvjp(fwd, bwd)
     return loss_fn
@@ -354,8 +364,17 @@ def default_chunk_size(rows: int, cols: int) -> int:
     return max(d for d in range(1, min(cols, limit) + 1) if cols % d == 0)
 
 
+def text_keys(ids_BL: jax.Array) -> jax.Array:
+    """A [B] int32 hash of each token sequence: equal for identical captions (polynomial, mod 2^32)."""
+    length = ids_BL.shape[1]
+    powers_L = np.array([pow(1000003, length - 1 - l, 2**32) for l in range(length)], np.uint32)
+    h_B = jnp.sum(ids_BL.astype(jnp.uint32) * powers_L[None, :], axis=1, dtype=jnp.uint32)  # wraps mod 2^32
+    return jax.lax.bitcast_convert_type(h_B, jnp.int32)
+
+
 def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind: str, impl: str,
-                     mesh: Mesh | None = None, chunk_size: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     mesh: Mesh | None = None, chunk_size: int | None = None,
+                     text_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Contrastive loss over the global batch and its metrics.
 
     Args:
@@ -368,6 +387,8 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind
       mesh: the device mesh (required except for dense).
       chunk_size: column tile of chunked/ring; default: the largest divisor of the
         local batch whose fp32 [b, c] tile fits in TILE_BYTES.
+      text_key: [B] int32, equal for identical captions (``text_keys``); the in-batch
+        accuracy counts a best match with the query's key as right. None: every pair distinct.
 
     Returns:
       ``(loss, metrics)``: metrics hold loss, i2t_acc, t2i_acc (in-batch top-1),
@@ -384,9 +405,10 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind
     scale = jnp.asarray(scale, jnp.float32)
     bias_in = jnp.zeros((), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     batch = zimg.shape[0]
+    keys = jnp.arange(batch, dtype=jnp.int32) if text_key is None else jnp.asarray(text_key, jnp.int32)
 
     if impl == "dense":
-        loss, metrics = _dense(kind, zimg, ztxt, scale, bias_in)
+        loss, metrics = _dense(kind, zimg, ztxt, keys, scale, bias_in)
     else:
         if mesh is None:
             raise ValueError(f"contrastive_loss: impl={impl!r} needs the mesh")
@@ -397,15 +419,15 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, scale, bias=None, *, kind
         b = batch // n
         if impl == "allgather":
             body = functools.partial(_allgather_body, kind, axes, batch)
-            loss, metrics = jax.shard_map(body, mesh=mesh, in_specs=(P(axes, None), P(axes, None), P(), P()),
-                                          out_specs=(P(), P()))(zimg, ztxt, scale, bias_in)
+            loss, metrics = jax.shard_map(body, mesh=mesh, in_specs=(P(axes, None), P(axes, None), P(axes), P(), P()),
+                                          out_specs=(P(), P()))(zimg, ztxt, keys, scale, bias_in)
         else:
             block = b if impl == "ring" else batch
             c = chunk_size or default_chunk_size(b, block)
             if block % c:
                 raise ValueError(f"contrastive_loss: chunk_size={c} must divide the {impl} column block {block} "
                                  f"(global batch {batch} over {n} shards)")
-            loss, metrics = _streaming(kind, impl, mesh, axes, batch, c)(zimg, ztxt, scale, bias_in)
+            loss, metrics = _streaming(kind, impl, mesh, axes, batch, c)(zimg, ztxt, keys, scale, bias_in)
     metrics = dict(metrics, loss=loss, scale=jax.lax.stop_gradient(scale))
     if bias is not None:
         metrics["bias"] = jax.lax.stop_gradient(bias_in)

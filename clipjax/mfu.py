@@ -85,6 +85,15 @@ PEAK_ENV = "CLIPJAX_PEAK_FLOPS"
 _PEAK_CACHE: dict[tuple, tuple[float, str]] = {}
 
 
+# jax's ``device_kind`` of these TPUs is not their product name (see PEAK_FLOPS).
+PRODUCT_NAMES: dict[str, str] = {"TPU v5 lite": "TPU v5e", "TPU v5": "TPU v5p", "TPU v6 lite": "TPU v6e"}
+
+
+def device_name(kind: str) -> str:
+    """The product name of a jax ``device_kind``: "TPU v5" is a v5p, "TPU v5 lite" a v5e."""
+    return PRODUCT_NAMES.get(kind, kind)
+
+
 def lookup_peak(kind: str, dtype: str = "bfloat16") -> tuple[float, str] | None:
     """``(flops, key)`` for the longest table key found in ``kind``, or None.
 

@@ -10,6 +10,7 @@ MFU in percent; learning rate. It writes ``WORKDIR/report.png`` and returns its 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -153,8 +154,29 @@ def _draw(ax, series, panel: Panel) -> None:
         ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.1, 1e-9))  # headroom for the legend
 
 
-def make_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
-    """The report figure for ``rows`` of a ``metrics.jsonl``; close it with ``plt.close(fig)``."""
+def _single_step(series) -> bool:
+    return len({s for _, steps, _ in series for s in steps}) == 1
+
+
+def _draw_bars(ax, series, chance: Mapping[str, float]) -> None:
+    """One evaluation step (e.g. only the final eval): a bar per metric, its chance level a dashed tick."""
+    labels = [k for k, _, _ in series]
+    values = [v[-1] for _, _, v in series]
+    ax.barh(labels, values, color="tab:blue", alpha=0.8)
+    for i, (k, v) in enumerate(zip(labels, values)):
+        ax.text(min(v, 0.9) + 0.01, i, f"{v:.3f}", va="center", fontsize=7)
+        if k in chance:
+            ax.plot([chance[k]] * 2, [i - 0.4, i + 0.4], "k--", linewidth=1, label="chance" if i == 0 else None)
+    ax.set_xlim(0, 1.02)
+    ax.tick_params(axis="y", labelsize=7)
+
+
+def make_figure(rows: Sequence[dict[str, Any]], title: str = "",
+                chance: Mapping[str, float] | None = None) -> Figure:
+    """The report figure for ``rows`` of a ``metrics.jsonl``; close it with ``plt.close(fig)``.
+
+    ``chance``: chance levels by metric key (the evaluation files'), drawn when the run has one eval step.
+    """
     keys = _keys(rows)
     panels = [(p, _series(rows, [k for k in keys if p.left(k)]), _series(rows, [k for k in keys if p.right(k)]))
               for p in PANELS]
@@ -164,6 +186,13 @@ def make_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.4 * nrows), squeeze=False)
     flat = list(axes.flat)
     for ax, (panel, left, right) in zip(flat, panels):
+        if panel.markers and _single_step(left):
+            _draw_bars(ax, left, chance or {})
+            ax.set_title(f"{panel.title} (step {left[0][1][0]})")
+            ax.set_xlabel(panel.ylabel)
+            if any(k in (chance or {}) for k, _, _ in left):
+                ax.legend(loc="lower right", fontsize=7)
+            continue
         _draw(ax, left, panel)
         ax.set_title(panel.title)
         ax.set_xlabel("step")
@@ -188,11 +217,23 @@ def make_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
     return fig
 
 
+def _chance_levels(workdir: str) -> dict[str, float]:
+    """Chance levels from the evaluation files ``WORKDIR/eval_*.json`` (empty when none)."""
+    out: dict[str, float] = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "eval_*.json"))):
+        try:
+            with open(path) as f:
+                out.update(json.load(f).get("chance", {}))
+        except (OSError, ValueError):
+            continue  # a half-written or foreign file only costs the chance ticks
+    return out
+
+
 def write_report(workdir: str, rows: Sequence[dict[str, Any]] | None = None) -> str:
     """Reads ``WORKDIR/metrics.jsonl`` (or uses ``rows``), writes ``WORKDIR/report.png``; returns the path."""
     rows = list(read_metrics(workdir) if rows is None else rows)
     path = os.path.join(workdir, REPORT_FILE)
-    fig = make_figure(rows, title=os.path.basename(os.path.abspath(workdir)))
+    fig = make_figure(rows, title=os.path.basename(os.path.abspath(workdir)), chance=_chance_levels(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
         fig.savefig(path, dpi=100)

@@ -203,8 +203,9 @@ def loss_and_grads(setup: Setup, params: Any, batch: dict[str, jax.Array], keep_
     def loss_from_embeddings(zimg, ztxt, params):
         scale, bias = scale_bias(params)
         return losses.contrastive_loss(zimg, ztxt, scale, bias, kind=lc.kind, impl=lc.impl, mesh=setup.mesh,
-                                       chunk_size=lc.chunk_size)
+                                       chunk_size=lc.chunk_size, text_key=text_key)
 
+    text_key = losses.text_keys(batch["text"])  # identical captions count as right in the in-batch accuracy
     crops = resize.image_fields(batch)  # uint8 crop buffers with their boxes, resized inside `embed`
     if k == 1:
         def full_loss(p):

@@ -46,7 +46,10 @@ for ((i = 0; i < N; i++)); do
     >"$LOGDIR/process_$i.log" 2>&1 &
   pids+=($!)
 done
-tail -n +1 -F "$LOGDIR/process_0.log" 2>/dev/null &
+# Gloo prints a "[Gloo] Rank i is connected to ..." line per peer: kept in the logs, streamed
+# only with CLIPJAX_VERBOSE=1.
+if [[ "${CLIPJAX_VERBOSE:-0}" == 1 ]]; then quiet='^$.'; else quiet='^\[Gloo\] Rank '; fi
+tail -n +1 -F "$LOGDIR/process_0.log" 2>/dev/null > >(grep --line-buffered -v -e "$quiet") &
 tailpid=$!
 
 # Poll all processes; the first failure kills the rest (a dead peer must not leave others hanging).

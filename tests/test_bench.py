@@ -8,9 +8,12 @@ from clipjax.bench import cli
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 
-def _rows(capsys, argv):
+def _rows(capsys, argv, err_lines=None):
     assert cli.main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    if err_lines is not None:
+        err_lines.extend(captured.err.splitlines())
+    out = json.loads(captured.out)
     assert out["environment"]["devices"] == 8
     return out["rows"]
 
@@ -35,9 +38,13 @@ def test_data_suite_times_each_case(capsys):
 
 
 def test_compile_suite_plans_each_mesh(capsys, tmp_path):
+    err = []
     rows = _rows(capsys, ["compile", f"--config={DEMO}:smoke,data={tmp_path}", "--mesh=data=8",
-                          "--mesh=data=2,fsdp=4", "--peak=1e12", "--json"])
+                          "--mesh=data=2,fsdp=4", "--peak=1e12", "--json"], err)
     assert [r["mesh"] for r in rows] == ["data 8", "data 2 x fsdp 4"]
+    # A stage line per mesh on stderr, so minutes of compiling are not silent.
+    assert [line for line in err if line.startswith("compiling the train step")] == [
+        f"compiling the train step for cpu:8, mesh {m} ..." for m in ("data=8", "data=2,fsdp=4")]
     for r in rows:
         assert r["batch"] == 32 and 0 < r["args_GiB"] <= r["peak_GiB"] and r["model_TFLOP"] > 0 and r["fits"]
     # fsdp shards the parameters and their Adam moments: fewer argument bytes per device.
@@ -63,3 +70,28 @@ def test_data_suite_webdataset_rows(capsys):
     assert [r["case"] for r in rows[4:]] == ["webdataset random access, draft decode"] * 2 + [
         "webdataset stream, bucket +1 ms a request"]
     assert rows[4]["per_core_vs_arrayrecord"] > 0 and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_openclip_worker_starts_pinned_without_forking_jax(devices):
+    """The worker is pinned to the given cores, and starting it triggers no fork hook (JAX's deadlock warning)."""
+    import os
+    import warnings
+
+    from clipjax.bench import openclip_step, train
+
+    tower = {"width": 16, "depth": 1, "heads": 2, "mlp_dim": 32}
+    spec = {"embed_dim": 8, "act": "gelu", "batch": 2, "threads": 1, "warmup": 0, "max_logit_scale": 100.0,
+            "image": {**tower, "patch_size": 8, "image_size": 16, "pool": "tok", "ln_pre": True},
+            "text": {**tower, "context_length": 8, "vocab_size": 64, "causal": True,
+                     "pool": next(iter(openclip_step._TEXT_POOLS))},
+            "optim": {"lr": 1e-3, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "clip_norm": 1.0}}
+    core = min(os.sched_getaffinity(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker = train.OpenClipWorker(spec, {core})
+    try:
+        assert os.sched_getaffinity(worker.proc.pid) == {core}
+        assert worker.run(1) > 0
+    finally:
+        worker.close()
+    assert not [w for w in caught if "fork" in str(w.message)]

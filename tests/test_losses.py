@@ -192,3 +192,32 @@ def test_default_chunk_size_bounds_the_tile():
     assert losses.default_chunk_size(4096, 4096) == 256
     assert losses.default_chunk_size(8, 12) == 12
     assert losses.default_chunk_size(2**20, 6) == 1
+
+
+@pytest.mark.parametrize("impl", losses.IMPLS)
+def test_in_batch_accuracy_counts_identical_captions_as_right(devices, impl):
+    """64 pairs over 12 distinct token sequences: every impl on a 4x2 mesh counts like a brute force."""
+    rng = np.random.default_rng(3)
+    captions_CL = rng.integers(1, 500, size=(12, 7))
+    caption_B = rng.integers(0, 12, size=B)
+    ids_BL = captions_CL[caption_B]
+    base_CD = rng.normal(size=(12, D))
+    x = base_CD[caption_B] + 0.6 * rng.normal(size=(B, D))
+    y = base_CD[caption_B] + 0.3 * rng.normal(size=(B, D))
+    x, y = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (x, y))
+    logits = x @ y.T
+    want_i2t = np.mean(caption_B[np.argmax(logits, 1)] == caption_B)
+    want_t2i = np.mean(caption_B[np.argmax(logits, 0)] == caption_B)
+    assert want_i2t > 0.8 > reference(x, y, 1.0, 0.0, "softmax")[2]["i2t_acc"]  # duplicates matter here
+
+    mesh = mesh_of(4, 2)
+    sh = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    keys = losses.text_keys(jnp.asarray(ids_BL, jnp.int32))
+    assert len(set(np.asarray(keys).tolist())) == 12
+    f = lambda x, y, k: losses.contrastive_loss(x, y, 10.0, kind="softmax", impl=impl, mesh=mesh, chunk_size=4,
+                                                text_key=k)
+    (_, metrics), _ = jax.jit(jax.value_and_grad(f, has_aux=True))(
+        jax.device_put(x.astype(np.float32), sh), jax.device_put(y.astype(np.float32), sh),
+        jax.device_put(keys, NamedSharding(mesh, P(sharding.BATCH_AXES))))
+    assert float(metrics["i2t_acc"]) == want_i2t
+    assert float(metrics["t2i_acc"]) == want_t2i

@@ -122,3 +122,16 @@ def test_model_flops_ignore_remat_while_compiled_flops_grow(devices):
 ])
 def test_peak_depends_on_dtype(kind, dtype, expected):
     assert mfu_lib.lookup_peak(kind, dtype)[0] == expected
+
+
+def test_device_names_are_the_product_names_with_the_same_peak():
+    import jax
+
+    from clipjax import mfu as mfu_lib
+    from clipjax.bench import table
+
+    assert mfu_lib.device_name("TPU v5") == "TPU v5p" and mfu_lib.device_name("TPU v5 lite") == "TPU v5e"
+    assert mfu_lib.device_name("NVIDIA H100 80GB HBM3") == "NVIDIA H100 80GB HBM3"
+    for kind, name in mfu_lib.PRODUCT_NAMES.items():
+        assert mfu_lib.peak_for_kind(name) == mfu_lib.peak_for_kind(kind)
+    assert table.environment()["device_kind"] == mfu_lib.device_name(jax.devices()[0].device_kind)

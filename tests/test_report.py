@@ -81,3 +81,18 @@ def test_write_report_png(tmp_path):
     width, height = struct.unpack(">II", head[16:24])
     assert width >= 1000 and height >= 1000
     assert os.path.getsize(report_lib.write_report(str(tmp_path / "empty"))) > 1000
+
+
+def test_a_single_final_eval_is_drawn_as_bars_with_chance_ticks(tmp_path):
+    """Only the final eval ran: one bar per metric at its value, the chance level a tick on its bar."""
+    rows = [r for r in _rows(with_evals=False)]
+    rows.append({"step": 50, "zeroshot/imagenet/top1": 0.42, "retrieval/coco/i2t_r1": 0.17})
+    fig = report_lib.make_figure(rows, chance={"zeroshot/imagenet/top1": 0.001, "retrieval/coco/i2t_r1": 0.0002})
+    try:
+        ax = _panels(fig)["evaluation (step 50)"]
+        bars = {t.get_text(): p.get_width() for t, p in zip(ax.get_yticklabels(), ax.patches)}
+        assert bars == {"retrieval/coco/i2t_r1": 0.17, "zeroshot/imagenet/top1": 0.42}
+        ticks = sorted(line.get_xdata()[0] for line in ax.get_lines())
+        assert ticks == [0.0002, 0.001]
+    finally:
+        plt.close(fig)

@@ -91,6 +91,9 @@ def run(target_spec: str, config_spec: str, overrides: list[str], meshes: list[s
         if mesh_spec:
             with config.unlocked():
                 config.mesh.update(_mesh_sizes(mesh_spec))
+        # Lowering and compiling a large step takes minutes: say which one is under way.
+        print(f"compiling the train step for {target}, mesh {mesh_spec or 'of the config'} ...", file=sys.stderr,
+              flush=True)
         row = compile_ahead.plan(config, devices, peak_flops=peak, assumed_mfu=assumed_mfu, capacity=capacity,
                                  breakdown=breakdown)
         row = {"target": str(target), **row}

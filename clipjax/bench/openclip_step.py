@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -83,6 +84,8 @@ def build(spec: dict[str, Any]):
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
+    if spec.get("cores"):  # pinned here: a preexec_fn would fork the multithreaded JAX parent
+        os.sched_setaffinity(0, spec["cores"])
     model, step, sync = build(spec)
     for _ in range(spec["warmup"]):
         step()

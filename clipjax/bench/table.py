@@ -33,6 +33,8 @@ def environment() -> dict[str, Any]:
     """Where and when a figure was measured (recorded next to every result)."""
     import jax
 
+    from clipjax import mfu
+
     return {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.machine(),
@@ -42,7 +44,7 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
+        "device_kind": mfu.device_name(jax.devices()[0].device_kind),
     }
 
 

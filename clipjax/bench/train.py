@@ -160,9 +160,10 @@ class OpenClipWorker:
     def __init__(self, spec: dict[str, Any], cores: set[int] | None):
         # OpenCLIP runs in the environment the user gave, without the settings clipjax's tools add.
         env = dict(host_env.without_added(dict(os.environ)), OMP_NUM_THREADS=str(spec["threads"]))
+        # No preexec_fn: it runs between fork and exec, and forking JAX's threads warns of deadlocks.
+        spec = dict(spec, cores=sorted(cores) if cores else None)
         self.proc = subprocess.Popen([sys.executable, "-m", "clipjax.bench.openclip_step", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline().split()
         if not line or line[0] != "ready":
             self.close()
