@@ -94,7 +94,7 @@ def test_demo_plan_on_v5p(v5p_8):
     """The demo compiles for 8 v5p chips with its own mesh; the report's fields are consistent."""
     config = load_config(os.path.join(REPO, "configs/demo.py"))
     row = compile_ahead.plan(config, v5p_8)
-    assert row["mesh"] == "data 4 x fsdp 2" and row["device"] == "TPU v5"
+    assert row["mesh"] == "data 4 x fsdp 2" and row["device"] == "TPU v5p"
     _sane(row, 8, config)
 
 
