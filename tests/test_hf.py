@@ -186,6 +186,9 @@ def test_big_vision_round_trip_and_parity(case, tmp_path, scanned, prefix):
         assert any(k.startswith("params/") for k in z.files) == prefix
         assert any("encoderblock/" in k for k in z.files) == scanned
         assert z["params/img/embedding/kernel" if prefix else "img/embedding/kernel"].shape == (8, 8, 3, 48)
+        for tower, width in (("img", 48), ("txt", 32)):  # big_vision stores position tables as (1, N, D)
+            pos = z[f"{'params/' if prefix else ''}{tower}/pos_embedding"]
+            assert pos.shape[0] == 1 and pos.shape[2:] == (width,), (tower, pos.shape)
     m2, params2 = bigvision.import_weights(path, scan=not scanned)
     assert m2.to_dict() == {**m.to_dict(), "scan": not scanned, "text": {**m.text.to_dict(), "eot_id": None,
                                                                          "pad_id": 0}}
