@@ -355,7 +355,8 @@ class Run:
                         distributed.barrier(f"train-phase-from-step-{step}")
                         log.info("step %d: image size %d, NaFlex length %d, context length %d, mask ratio %g",
                                  step, phase.image_size, phase.seq_len, phase.context_length, phase.mask_ratio)
-                    batch = next(data_iter)
+                    with jax.transfer_guard("allow"):  # the batch's upload: with several processes it is built here
+                        batch = next(data_iter)
                     with self.profile.step(step, state):
                         state, metrics = compiled(state, batch)
                     self.checkpointer.check()  # a failed background save stops the run here, not at the next save

@@ -402,8 +402,8 @@ def test_zeroshot_on_mocked_tfds_dataset(tiny):
                                   templates="short", batch_size=8, max_examples=20)
     config_lib.validate(c, 8)
     setup = types.SimpleNamespace(model=model, mesh=make_mesh("8dev"), rules=sharding.rules_from_config(()))
-    ev = Evaluator(c, setup)
     with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
+        ev = Evaluator(c, setup)  # its start-up check reads the dataset's class names
         metrics, chance = ev.run(params)
     assert metrics["zeroshot/cifar/num_examples"] == 20
     assert chance["zeroshot/cifar/top1"] == pytest.approx(0.1)  # class names from the ClassLabel feature
