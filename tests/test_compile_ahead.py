@@ -129,4 +129,4 @@ def test_bench_compile_reports_a_config_that_cannot_fit():
                 "--config=configs/clip.py:model=g/14,batch=4096", "--mesh=data=4", "--json")
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("does not fit: data 4 needs") and "TPU v5 has 95.7 GiB" in last, last
+    assert last.startswith("does not fit: data 4 needs") and "TPU v5p has 95.7 GiB" in last, last
