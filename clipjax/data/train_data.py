@@ -22,20 +22,13 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
         return train_input.make_train_iterator(data_cfg, decoder=decoder, seq_len=seq_len, patch_size=patch_size,
                                                **kwargs)
     from clipjax.data import webdataset_stream
-    from clipjax.data.config import validate_data_config
-    from clipjax.data.loading import process_slot
 
     if decoder is not None or seq_len:
         raise ValueError("data.webdataset.mode='stream' builds crops only (no LocCa decoder targets, no NaFlex "
                          "patches); use data.webdataset.mode='random' with model.decoder or model.image.seq_len")
-    validate_data_config(data_cfg)
-    pi, pc = process_slot(process_index, process_count)
-    if global_batch_size % pc:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}")
-    if seed < 0:
-        raise ValueError(f"seed={seed} must be >= 0")
+    pi, pc, local_batch = train_input.stream_slot(data_cfg, global_batch_size, seed, process_index, process_count)
     batches = webdataset_stream.stream_batches(
-        data_cfg, seed=seed, process_index=pi, process_count=pc, local_batch=global_batch_size // pc,
+        data_cfg, seed=seed, process_index=pi, process_count=pc, local_batch=local_batch,
         opts=transforms.ImageOptions.from_config(data_cfg, image_size),
         tokenizer=LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path))
     return train_input.TrainIterator(batches, prefetch=int(data_cfg.prefetch), mesh=mesh)

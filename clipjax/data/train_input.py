@@ -336,6 +336,20 @@ class TrainIterator:
         self.close()
 
 
+def stream_slot(data_cfg: Any, global_batch_size: int, seed: int, process_index: int | None,
+                process_count: int | None) -> tuple[int, int, int]:
+    """(process index, process count, per-process batch) of a train stream, after the checks every stream makes."""
+    from clipjax.data.config import validate_data_config
+
+    validate_data_config(data_cfg)
+    pi, pc = process_slot(process_index, process_count)
+    if global_batch_size % pc:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    return pi, pc, global_batch_size // pc
+
+
 def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: int, context_length: int, seed: int,
                         mesh=None, process_index: int | None = None, process_count: int | None = None,
                         decoder: DecoderTargets | None = None, seq_len: int = 0, patch_size: int = 0) -> TrainIterator:
@@ -348,15 +362,7 @@ def make_train_iterator(data_cfg: Any, *, global_batch_size: int, image_size: in
     With ``seq_len`` > 0 the images are NaFlex patches (``data.naflex``: at most ``seq_len``
     patches of ``patch_size``) instead of crops.
     """
-    from clipjax.data.config import validate_data_config
-
-    validate_data_config(data_cfg)
-    pi, pc = process_slot(process_index, process_count)
-    if global_batch_size % pc:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={pc}")
-    if seed < 0:
-        raise ValueError(f"seed={seed} must be >= 0")
-    local_batch = global_batch_size // pc
+    pi, pc, local_batch = stream_slot(data_cfg, global_batch_size, seed, process_index, process_count)
     opts = naflex.image_options(data_cfg, image_size, seq_len, patch_size)
     tokenizer = LazyTokenizer(data_cfg.tokenizer, context_length, data_cfg.bpe_path)
     if data_cfg.source == "webdataset" and data_cfg.webdataset.mode == "stream":
