@@ -48,17 +48,17 @@ def test_breakdown_categories_sum_to_the_projected_step(hand_grid):
 
 
 def test_planner_returns_the_fastest_fitting_candidate_of_the_hand_run_grid(v5p_4, hand_grid):
-    fastest = min(hand_grid, key=lambda cr: cr[1]["step_s"])[1]
     smallest = min(row["peak_GiB"] for _, row in hand_grid)
-    assert smallest < fastest["peak_GiB"]  # no remat: faster and bigger
-    # An HBM that the fastest candidate does not fit and some other does.
+    # The fastest candidate that needs more than the smallest peak, and an HBM that leaves it out.
+    fastest = min((row for _, row in hand_grid if row["peak_GiB"] > smallest), key=lambda row: row["step_s"])
     hbm_gib = (smallest + fastest["peak_GiB"]) / 2
     fitting = [(c, row) for c, row in hand_grid if row["peak_GiB"] <= hbm_gib]
     assert 0 < len(fitting) < len(hand_grid)
     expected, expected_row = min(fitting, key=lambda cr: cr[1]["step_s"])
     grid = [c for c, _ in hand_grid]
     rows, best = planner.search(_smoke(), v5p_4, grid, capacity=(hbm_gib * compile_ahead.GIB, "test"))
-    assert best["candidate"] == expected and best["fits"] and best["peak_GiB"] <= hbm_gib
+    assert best["fits"] and best["peak_GiB"] <= hbm_gib  # equal projected times may tie: compare the time
+    assert best["candidate"] in [c for c, row in fitting if row["step_s"] == expected_row["step_s"]]
     assert best["step_s"] == pytest.approx(expected_row["step_s"], rel=1e-6)
     for r, (c, row) in zip(rows, hand_grid):
         assert r["status"] == "compiled" and r["fits"] == (row["peak_GiB"] <= hbm_gib)
